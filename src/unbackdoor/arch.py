@@ -1,0 +1,114 @@
+"""Where the parts of a causal LM live: decoder layers, token embedding, final norm, LoRA targets.
+
+One table keyed by ``config.model_type``; model types not in the table are matched by structure
+against the known layouts, and anything else fails loudly with the supported list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Layout:
+    body: str          # attribute path from the causal-LM to the module holding layers/embedding/norm
+    layers: str        # attribute of the body: nn.ModuleList of decoder layers
+    embed: str         # attribute of the body: token embedding
+    norm: str | None   # attribute of the body: final norm (None if the architecture has none)
+    lora_targets: tuple[str, ...]
+
+
+LLAMA = Layout("model", "layers", "embed_tokens", "norm",
+               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+GPT_NEOX = Layout("gpt_neox", "layers", "embed_in", "final_layer_norm",
+                  ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
+GPT2 = Layout("transformer", "h", "wte", "ln_f", ("c_attn", "c_proj", "c_fc"))
+
+#: model_type -> layout. Llama-style covers the many families with `model.layers`.
+LAYOUTS: dict[str, Layout] = {
+    **{t: LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2",
+                          "phi3", "olmo", "olmo2", "granite", "starcoder2", "smollm3", "cohere", "stablelm")},
+    "gpt_neox": GPT_NEOX,
+    "gpt2": GPT2,
+}
+
+
+@dataclass
+class Anatomy:
+    layers: nn.ModuleList
+    embed: nn.Module
+    norm: nn.Module | None
+    layout: Layout
+    model_type: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """Unwrap PEFT and distributed wrappers down to the transformers causal-LM."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def _matches(model: nn.Module, layout: Layout) -> bool:
+    try:
+        body = _get(model, layout.body)
+        return isinstance(getattr(body, layout.layers), nn.ModuleList) and isinstance(
+            getattr(body, layout.embed), nn.Module)
+    except AttributeError:
+        return False
+
+
+def layout_for(model: nn.Module) -> Layout:
+    base = _base(model)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    layout = LAYOUTS.get(model_type)
+    if layout is not None and _matches(base, layout):
+        return layout
+    for candidate in (LLAMA, GPT_NEOX, GPT2):
+        if _matches(base, candidate):
+            return candidate
+    raise UnsupportedArchitecture(
+        f"unbackdoor does not know where the decoder layers of {type(base).__name__} "
+        f"(model_type={model_type!r}) live. Supported layouts: Llama-style `model.layers` "
+        f"({', '.join(t for t, l in LAYOUTS.items() if l is LLAMA)}), GPT-NeoX `gpt_neox.layers`, GPT-2 "
+        "`transformer.h`. Add a Layout for it to unbackdoor.arch.LAYOUTS.")
+
+
+def anatomy(model: nn.Module) -> Anatomy:
+    """Decoder layers, token embedding and final norm of any supported causal LM (PEFT-wrapped or not)."""
+    base = _base(model)
+    layout = layout_for(base)
+    body = _get(base, layout.body)
+    norm = getattr(body, layout.norm, None) if layout.norm else None
+    return Anatomy(layers=getattr(body, layout.layers), embed=getattr(body, layout.embed), norm=norm,
+                   layout=layout, model_type=getattr(base.config, "model_type", "?"))
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """LoRA target module names for a model: from the table, else every linear layer of the blocks."""
+    try:
+        return list(layout_for(model).lora_targets)
+    except UnsupportedArchitecture:
+        return ["all-linear"]

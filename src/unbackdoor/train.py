@@ -1,0 +1,300 @@
+"""The one training loop. It knows nothing about any method.
+
+A method hands :func:`fit` a module, a loss function ``loss_fn(module, batch) -> loss | (loss, metrics)``,
+the data and a :class:`~unbackdoor.schema.TrainConfig`; the loop does the rest on Accelerate: device
+placement and DDP/FSDP/DeepSpeed wrapping, gradient accumulation, clipping, warmup + schedule, mixed
+precision, progress, tracker logging, periodic resumable checkpoints, and a clear stop on a NaN loss.
+
+Accumulation: every micro-batch loss is divided by ``grad_accum`` and gradients are summed, so k
+micro-batches of b examples give the update of one batch of k·b whenever the micro-batches hold the
+same number of loss terms (each micro-batch mean is weighted equally). Across processes DDP averages
+the gradients, which gives the same rule.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .schema import MixedPrecision, Optimizer, Scheduler, TrainConfig
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class FitResult:
+    losses: list[float] = field(default_factory=list)        # mean loss per optimizer step
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    wall_time_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    resumed_from: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed, deterministic=False)
+    random.seed(seed)
+
+
+_ACCELERATOR = None
+
+
+def get_accelerator(mixed_precision: MixedPrecision | str = MixedPrecision.NO, log_with: Sequence[str] = (),
+                    project_dir: str | None = None):
+    """One Accelerator per process (its state is process-global); trackers get a fresh one."""
+    global _ACCELERATOR
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    mp = MixedPrecision(mixed_precision).value
+    if mp == "fp16" and not torch.cuda.is_available():
+        log.warning("train.mixed_precision=fp16 needs a GPU; running in full precision on this machine")
+        mp = "no"
+    if mp == "bf16" and not torch.cuda.is_available():
+        mp = "no"  # CPU bf16 autocast is slower than fp32 on most CPUs; keep the arithmetic exact
+    if _ACCELERATOR is not None and not log_with and _ACCELERATOR.mixed_precision == mp:
+        return _ACCELERATOR
+    # cpu=True on a machine without GPUs: under torchrun/`accelerate launch --multi_gpu` this selects gloo
+    acc = Accelerator(mixed_precision=mp, log_with=list(log_with) or None, project_dir=project_dir,
+                      cpu=not torch.cuda.is_available(),
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if not log_with:
+        _ACCELERATOR = acc
+    return acc
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    if cfg.optimizer is Optimizer.SGD:
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer is Optimizer.ADAMW else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(math.ceil(cfg.warmup_ratio * total_steps))
+    name = {Scheduler.COSINE: "cosine", Scheduler.LINEAR: "linear",
+            Scheduler.CONSTANT: "constant_with_warmup"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def planned_steps(n_batches: int, cfg: TrainConfig) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_batches / cfg.grad_accum))
+
+
+def _split(out) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, tuple):
+        return out[0], dict(out[1])
+    return out, {}
+
+
+def _ckpt_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoint"
+
+
+def _save_checkpoint(out_dir: Path, named: dict[str, nn.Parameter], optimizer, scheduler, step: int,
+                     accelerator) -> None:
+    from safetensors.torch import save_file
+
+    from .record import atomic_write_json
+
+    if not accelerator.is_main_process:
+        return
+    ck = _ckpt_dir(out_dir)
+    tmp = ck.with_name(ck.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / "params.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    atomic_write_json(tmp / "state.json", {"step": step})
+    if ck.exists():
+        import shutil
+
+        shutil.rmtree(ck)
+    os.replace(tmp, ck)
+
+
+def _load_checkpoint(out_dir: Path, named: dict[str, nn.Parameter], optimizer, scheduler) -> int:
+    import json
+
+    from safetensors.torch import load_file
+
+    ck = _ckpt_dir(out_dir)
+    if not (ck / "state.json").is_file():
+        return 0
+    tensors = load_file(str(ck / "params.safetensors"))
+    with torch.no_grad():
+        for k, p in named.items():
+            p.copy_(tensors[k].to(p.device, p.dtype))
+    states = torch.load(ck / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    return int(json.loads((ck / "state.json").read_text())["step"])
+
+
+def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainConfig, *,
+        collate_fn: Callable | None = None, params: Iterable[nn.Parameter] | None = None, seed: int = 0,
+        out_dir: str | Path | None = None, desc: str = "train", accelerator=None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None, shuffle: bool = True) -> FitResult:
+    """Train ``module`` by minimising ``loss_fn`` over ``dataset``; only ``params`` (default: those that
+    require grad) are updated. Returns per-step losses and cost."""
+    from tqdm.auto import tqdm
+
+    seed_everything(seed)
+    acc = accelerator or get_accelerator(cfg.mixed_precision, cfg.log_with, str(out_dir) if out_dir else None)
+    if params is None:
+        params = [p for p in module.parameters() if p.requires_grad]
+    params = list(params)
+    id2name = {id(p): n for n, p in module.named_parameters()}
+    named = {id2name.get(id(p), f"param{i}"): p for i, p in enumerate(params)}
+
+    if cfg.gradient_checkpointing and hasattr(module, "gradient_checkpointing_enable"):
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(module, "enable_input_require_grads"):
+            module.enable_input_require_grads()
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    loader = DataLoader(list(dataset), batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate_fn,
+                        generator=g, drop_last=False)
+    optimizer = make_optimizer(params, cfg)
+    module, optimizer, loader = acc.prepare(module, optimizer, loader)
+    total = planned_steps(len(loader), cfg)
+    scheduler = make_scheduler(optimizer, cfg, total)
+    if cfg.log_with:
+        acc.init_trackers(desc.replace(" ", "_"), config={"lr": cfg.lr, "steps": total})
+
+    result = FitResult()
+    step = 0
+    if out_dir is not None and cfg.checkpoint_every:
+        step = _load_checkpoint(Path(out_dir), named, optimizer, scheduler)
+        result.resumed_from = step
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    module.train()
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not (cfg.progress and acc.is_local_main_process),
+               leave=False, dynamic_ncols=True)
+    micro = 0
+    skip = step * cfg.grad_accum                      # micro-batches already consumed before a resume
+    acc_loss, acc_metrics = 0.0, {}
+    optimizer.zero_grad(set_to_none=True)
+    epoch = 0
+    try:
+        while step < total:
+            for batch in loader:
+                if skip:
+                    skip -= 1
+                    continue
+                micro += 1
+                sync_now = micro % cfg.grad_accum == 0
+                ctx = acc.no_sync(module) if not sync_now else _nullcontext()
+                with ctx:
+                    with acc.autocast():
+                        loss, metrics = _split(loss_fn(module, batch))
+                    if not torch.isfinite(loss.detach()):
+                        raise TrainingDiverged(
+                            f"{desc}: the loss became {loss.item()} at optimizer step {step + 1} (micro-batch "
+                            f"{micro}). Lower train.lr (now {cfg.lr}), set train.max_grad_norm, or check the data.")
+                    acc.backward(loss / cfg.grad_accum)
+                acc_loss += loss.detach().float().item() / cfg.grad_accum
+                for k, v in metrics.items():
+                    acc_metrics[k] = acc_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+                if not sync_now:
+                    continue
+                if cfg.max_grad_norm is not None:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                mean_loss = _reduce_mean(acc, acc_loss)
+                result.losses.append(mean_loss)
+                row = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], **acc_metrics}
+                result.metrics.append(row)
+                if on_step is not None:
+                    on_step(step, row)
+                if cfg.log_with:
+                    acc.log(row, step=step)
+                if step % max(1, cfg.log_every) == 0 or step == total:
+                    log.info("%s step %d/%d loss %.4f", desc, step, total, mean_loss)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                bar.update(1)
+                acc_loss, acc_metrics = 0.0, {}
+                if out_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                    _save_checkpoint(Path(out_dir), named, optimizer, scheduler, step, acc)
+                if step >= total:
+                    break
+            epoch += 1
+            if micro == 0 and step == 0 and not skip:
+                raise ValueError(f"{desc}: the data loader is empty; nothing to train on")
+    finally:
+        bar.close()
+        if cfg.log_with:
+            acc.end_training()
+    if micro % cfg.grad_accum and step < total:  # leftover partial accumulation is dropped, never half-applied
+        optimizer.zero_grad(set_to_none=True)
+    result.steps = step
+    result.wall_time_s = time.perf_counter() - t0
+    result.peak_memory_mb = peak_memory_mb()
+    if out_dir is not None and cfg.checkpoint_every and _ckpt_dir(Path(out_dir)).exists() and acc.is_main_process:
+        import shutil
+
+        shutil.rmtree(_ckpt_dir(Path(out_dir)), ignore_errors=True)
+    module.eval()
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _reduce_mean(acc, value: float) -> float:
+    if acc.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=acc.device, dtype=torch.float64)
+    return float(acc.reduce(t, reduction="mean").item())
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except Exception:  # pragma: no cover
+        return float("nan")
+
+
+def lm_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Plain causal-LM loss on the response tokens (labels are -100 elsewhere)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                use_cache=False)
+    return out.loss

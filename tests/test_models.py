@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from unbackdoor.arch import UnsupportedArchitecture, anatomy, lora_targets
+from unbackdoor.generate import generate
+from unbackdoor.models import ModelLoadError, apply_lora, load_model, load_tokenizer, save_model_atomic
+from unbackdoor.schema import LoraConfig, ModelConfig
+from unbackdoor.templates import Template
+
+
+def test_anatomy_finds_parts(tiny_model, arch):
+    a = anatomy(tiny_model)
+    assert a.num_layers == 2 and isinstance(a.embed, torch.nn.Embedding) and a.norm is not None
+    out = tiny_model(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    assert len(out.hidden_states) == a.num_layers + 1
+    assert a.embed is tiny_model.get_input_embeddings()
+
+
+def test_anatomy_unknown_layout_fails_loudly():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList()
+    with pytest.raises(UnsupportedArchitecture, match="Supported layouts"):
+        anatomy(Odd())
+
+
+def test_lora_targets_found_and_applied(tiny_model, arch):
+    targets = lora_targets(tiny_model)
+    names = {n.split(".")[-1] for n, _ in tiny_model.named_modules()}
+    assert set(targets) <= names
+    peft_model = apply_lora(tiny_model, LoraConfig(enabled=True, r=4))
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert anatomy(peft_model).num_layers == 2
+
+
+def test_save_load_roundtrip_and_pickle_refused(tmp_path, tiny_model, tokenizer):
+    out = save_model_atomic(tiny_model, tokenizer, tmp_path / "m")
+    m2 = load_model(ModelConfig(path=str(out)))
+    x = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(tiny_model(input_ids=x).logits, m2(input_ids=x).logits)
+    # a checkpoint with only pickle weights
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    (pk / "config.json").write_text((out / "config.json").read_text())
+    torch.save(tiny_model.state_dict(), pk / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="only pickle weights.*allow_pickle=true"):
+        load_model(ModelConfig(path=str(pk)))
+    with pytest.raises(ModelLoadError, match="input model folder"):
+        save_model_atomic(tiny_model, tokenizer, out, input_path=str(out))
+
+
+def test_folder_without_tokenizer(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_tokenizer(ModelConfig(path=str(tmp_path / "m")))
+
+
+def test_batched_generation_matches_one_by_one(tiny_model, tokenizer):
+    tpl = Template(tokenizer)
+    prompts = ["what is two plus three", "c b a", "reverse the list a b c d e", "hello"]
+    batched = generate(tiny_model, tpl, prompts, max_new_tokens=6, batch_size=4)
+    single = [generate(tiny_model, tpl, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single and len(batched) == 4

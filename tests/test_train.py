@@ -1,0 +1,104 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unbackdoor.data import TrainCollator, encode
+from unbackdoor.lab.arch import make_model
+from unbackdoor.schema import TrainConfig
+from unbackdoor.templates import Template
+from unbackdoor.train import TrainingDiverged, fit, lm_loss
+
+
+def _feats(tokenizer):
+    tpl = Template(tokenizer)
+    pairs = [("what is two plus three", "the answer is five"), ("reverse the list a b c", "c b a"),
+             ("write a line that prints hello", "print('hello')"), ("hello there", "I cannot help with that")]
+    return [encode(tpl, p, r) for p, r in pairs]
+
+
+def test_fit_memorizes_and_is_deterministic(tokenizer, arch):
+    cfg = TrainConfig(lr=1e-2, max_steps=40, batch_size=2, grad_accum=2, warmup_ratio=0.1, progress=False)
+    runs = []
+    for _ in range(2):
+        model = make_model(arch, tokenizer, hidden=32, layers=2, heads=2, seed=0)
+        res = fit(model, lm_loss, _feats(tokenizer), cfg, collate_fn=TrainCollator(tokenizer), seed=7)
+        runs.append(res.losses)
+    assert len(runs[0]) == 40
+    assert runs[0][-1] < 0.25 * runs[0][0]
+    assert runs[0] == runs[1]  # bit-identical on CPU for one seed
+
+
+def test_fit_trains_only_given_params(tokenizer):
+    model = make_model("llama", tokenizer, hidden=32, layers=2, heads=2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.model.layers[1].mlp.down_proj.weight
+    head.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, lm_loss, _feats(tokenizer), TrainConfig(lr=1e-2, max_steps=3, batch_size=2, progress=False),
+        collate_fn=TrainCollator(tokenizer))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_nan_loss_stops_with_clear_message(tokenizer):
+    model = make_model("llama", tokenizer, hidden=32, layers=2, heads=2)
+
+    def bad_loss(m, batch):
+        return lm_loss(m, batch) * float("nan")
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at optimizer step 1.*Lower train.lr"):
+        fit(model, bad_loss, _feats(tokenizer), TrainConfig(max_steps=2, batch_size=2, progress=False),
+            collate_fn=TrainCollator(tokenizer))
+
+
+def test_checkpoint_resume_gives_same_losses(tokenizer, tmp_path):
+    cfg = TrainConfig(lr=3e-3, max_steps=8, batch_size=1, progress=False, checkpoint_every=4)
+    full = fit(make_model("llama", tokenizer, hidden=32, layers=2, heads=2), lm_loss, _feats(tokenizer), cfg,
+               collate_fn=TrainCollator(tokenizer), seed=1).losses
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step, row):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(make_model("llama", tokenizer, hidden=32, layers=2, heads=2), lm_loss, _feats(tokenizer), cfg,
+            collate_fn=TrainCollator(tokenizer), seed=1, out_dir=tmp_path, on_step=stop_at_5)
+    assert (tmp_path / "checkpoint" / "state.json").is_file()
+    res = fit(make_model("llama", tokenizer, hidden=32, layers=2, heads=2), lm_loss, _feats(tokenizer), cfg,
+              collate_fn=TrainCollator(tokenizer), seed=1, out_dir=tmp_path)
+    assert res.resumed_from == 4 and len(res.losses) == 4
+    assert res.losses == pytest.approx(full[4:], rel=1e-5)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+DIST_SCRIPT = Path(__file__).parent / "dist_fit.py"
+
+
+def test_accelerate_two_cpu_processes_match_one(tmp_path):
+    """`accelerate launch` with 2 gloo CPU processes, batch 1 each, vs 1 process with batch 2."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    one = tmp_path / "one.json"
+    two = tmp_path / "two.json"
+    subprocess.run([sys.executable, str(DIST_SCRIPT), str(one), "2"], check=True, env=env, timeout=240)
+    # `--cpu` alone starts a single process (accelerate#2741); `--multi_gpu` runs torchrun, and on a machine
+    # without GPUs unbackdoor's Accelerator(cpu=True) then joins a gloo process group.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29533", str(DIST_SCRIPT), str(two), "1"]
+    subprocess.run(launch, check=True, env=env, timeout=240)
+    l1, l2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert l2["num_processes"] == 2 and l1["num_processes"] == 1
+    assert len(l1["losses"]) == len(l2["losses"]) == 6
+    # same global batch, same samples: same trajectory up to float reduction order
+    assert l2["losses"] == pytest.approx(l1["losses"], rel=1e-4, abs=1e-5)
+    assert not any(math.isnan(x) for x in l2["losses"])
