@@ -173,8 +173,10 @@ def _validate_tree(obj: Any, loc: str, problems: list[tuple[str, str]]) -> None:
     if callable(check):
         try:
             found = check()
-        except Exception as exc:  # a validator that breaks on a bad type already reported
-            found = [("", f"could not validate: {exc}")]
+        except Exception as exc:
+            # A validator that trips over a value of the wrong type: that type error is already reported.
+            already = any(p == loc or p.startswith(loc + ".") for p, _ in problems) if loc else bool(problems)
+            found = [] if already else [("", f"could not validate: {exc}")]
         for fld, msg in found or []:
             problems.append((f"{loc}.{fld}" if loc and fld else (fld or loc), msg))
     for f in dataclasses.fields(obj):
@@ -185,7 +187,7 @@ def build(cls: type, data: dict | None, source: str | None = None) -> Any:
     """Build and validate a config dataclass tree from a plain mapping; raise ConfigError listing all problems."""
     problems: list[tuple[str, str]] = []
     obj = _build(cls, data or {}, "", problems)
-    if not problems:
+    if dataclasses.is_dataclass(obj) and all(hasattr(obj, f.name) for f in dataclasses.fields(obj)):
         _validate_tree(obj, "", problems)
     if problems:
         raise ConfigError(problems, source)

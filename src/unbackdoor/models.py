@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .arch import lora_targets
+from .record import public_mode
 from .schema import AdapterMode, Dtype, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ def save_model_atomic(model: nn.Module, tokenizer, out_dir: str | Path, *, input
                              "choose another output.dir so the input model stays untouched.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    public_mode(tmp, directory=True)
     try:
         to_save = unwrap_for_save(model, merge)
         to_save.save_pretrained(tmp, safe_serialization=True)
