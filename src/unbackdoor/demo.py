@@ -1,0 +1,31 @@
+"""The demo: build (or load) the lab, implant a backdoor, evaluate, remove it with every defense, report.
+
+A slice of the benchmark (``configs/bench/demo.yaml``), run through the same code: cells, evaluation,
+tables and plots. ``DIR/results.json`` holds one row per model × defense.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .bench import CONFIG_DIR, load_config, run_bench
+
+DEMO_CONFIG = CONFIG_DIR / "bench" / "demo.yaml"
+
+
+def run_demo(out: str | Path, overrides: list[str] = (), progress: Callable[[str], None] | None = None) -> list[dict]:
+    cfg = load_config(DEMO_CONFIG, list(overrides))
+    return run_bench(cfg, out, progress=progress)
+
+
+def table(rows: list[dict]) -> list[list[str]]:
+    def pct(x):
+        return "—" if x is None else f"{100 * x:5.1f}%"
+
+    out = [["model / defense", "ASR w/ trigger", "ASR w/o trigger", "benign acc", "harmful refusal", "n", "time"]]
+    for r in rows:
+        t = r.get("defense_wall_time_s")
+        out.append([f"{r['arch']} {r['attack']}->{r['target']} / {r['defense']}", pct(r.get("asr_with_trigger")),
+                    pct(r.get("asr_without_trigger")), pct(r.get("benign_accuracy")), pct(r.get("harmful_refusal")),
+                    str(r.get("n", "")), "" if t is None else f"{t:.0f}s"])
+    return out
