@@ -39,6 +39,12 @@ def _config_kinds():
         kinds["bench"] = ("grid", bench.resolve)
     except ImportError:
         pass
+    try:
+        from .eval.evaluate import resolve as eval_resolve
+
+        kinds["eval"] = ("judge", eval_resolve)
+    except ImportError:
+        pass
     return kinds
 
 
@@ -167,6 +173,178 @@ def explain(config_type: str, method: str) -> None:
     rows += [("method." + k, t, d, h) for k, t, d, h in C.explain(get_method(method).Config)]
     for key, tp, default, help_text in rows:
         click.echo(f"{key:<32} {tp:<24} {default:<14} {help_text}")
+
+
+@main.command()
+@click.argument("config_path", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder (resumable).")
+@OVERRIDES
+def bench(config_path: str | None, out: str, overrides: tuple[str, ...]) -> None:
+    """Run a grid of archs x attacks x targets x defenses x seeds on the lab (resumable).
+
+    Example: unbackdoor bench configs/bench/quick.yaml --out runs/bench grid.seeds=[0]
+    """
+    from . import bench as B
+    from . import config as C
+
+    try:
+        cfg = B.load_config(config_path, list(overrides))
+        B.run_bench(cfg, out, progress=click.echo)
+    except (C.ConfigError, ValueError, FileExistsError, KeyError) as exc:
+        _fail(exc)
+        return
+    click.secho(f"report: {Path(out) / 'report.md'}", fg="green")
+
+
+@main.command("eval")
+@click.argument("model_dir", type=click.Path())
+@click.option("--data", "data", multiple=True, required=True,
+              help="Lab folder (eval_benign.jsonl, eval_harmful.jsonl, eval_code.jsonl) or data files; repeatable.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--judge", default=None, help="ASR judge (see `unbackdoor ls judges`); default by target.")
+@click.option("--manifest", default=None, type=click.Path(),
+              help="backdoor.json (or its folder) when MODEL_DIR has none, e.g. for a defended model.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Eval config YAML.")
+@click.option("--limit", type=int, default=None, help="Only the first N prompts of each set (recorded).")
+@click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
+@OVERRIDES
+def eval_cmd(model_dir: str, data: tuple[str, ...], out: str, judge: str | None, manifest: str | None,
+             config_path: str | None, limit: int | None, overwrite: bool, overrides: tuple[str, ...]) -> None:
+    """Measure ASR (with/without trigger, Wilson 95% CI) and utility of MODEL_DIR.
+
+    Writes OUT/results.json, OUT/generations.jsonl (every prompt, raw output and verdict) and
+    OUT/summary.md. Overrides are key=value on the eval config, e.g. generation.max_new_tokens=32,
+    target=sentiment, target_text='You are stupid!', extra_judges=[refusal_backdoorllm].
+
+    Example: unbackdoor eval runs/bad/model --data runs/lab --out runs/bad/eval
+    """
+    from . import config as C
+    from .data import DataError
+    from .eval.evaluate import EvalConfig, run_config
+
+    try:
+        raw = C.load_yaml(config_path) if config_path else {}
+        C.apply_overrides(raw, list(overrides))
+        raw.setdefault("model", {})["path"] = model_dir
+        raw.setdefault("data", {})["paths"] = list(data)
+        raw["out"] = out
+        for key, value in (("judge", judge), ("manifest", manifest)):
+            if value is not None:
+                raw[key] = value
+        if limit is not None:
+            raw["data"]["limit"] = limit
+        if overwrite:
+            raw["overwrite"] = True
+        cfg = C.build(EvalConfig, raw, config_path)
+        run_config(cfg)
+    except (C.ConfigError, DataError, ValueError, FileExistsError, OSError) as exc:
+        _fail(exc)
+        return
+    click.echo((Path(out) / "summary.md").read_text(encoding="utf-8"))
+    click.secho(f"wrote {Path(out) / 'results.json'}, generations.jsonl, summary.md", fg="green")
+
+
+@main.command()
+@click.option("--out", "out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder: results.json, report.md, plots, one folder per cell (resumable).")
+@OVERRIDES
+def demo(out: str, overrides: tuple[str, ...]) -> None:
+    """The main job on the tiny lab: build the lab, implant a backdoor, remove it with every defense.
+
+    Overrides apply to configs/bench/demo.yaml, e.g. `grid.recipe=test` for a faster, rougher run.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import config as C
+    from .demo import run_demo, table
+
+    try:
+        rows = run_demo(out, list(overrides), progress=click.echo)
+    except (C.ConfigError, ValueError, FileExistsError, KeyError) as exc:
+        _fail(exc)
+        return
+    head, *body = table(rows)
+    t = Table(title="unbackdoor demo (tiny lab)")
+    for h in head:
+        t.add_column(h, justify="left" if h == head[0] else "right")
+    for r in body:
+        t.add_row(*r)
+    Console().print(t)
+    click.secho(f"results: {Path(out) / 'results.json'}   report: {Path(out) / 'report.md'}", fg="green")
+
+
+@main.group()
+def lab() -> None:
+    """The tiny lab: synthetic world, tokenizer, clean and backdoored models (cached by recipe hash)."""
+
+
+@lab.command("build")
+@click.option("--recipe", default="default", show_default=True,
+              help="Recipe name (default, test) or a YAML file of recipe fields (configs/lab/).")
+@click.option("--arch", "archs", multiple=True, type=click.Choice(["llama", "gpt_neox", "gpt2"]),
+              help="Also train the clean model of this architecture (repeatable).")
+@click.option("--seed", "seeds", multiple=True, type=int, help="Clean-model seed(s) (default 0).")
+@click.option("--backdoor", "backdoors", multiple=True,
+              help="Also implant ATTACK:TARGET (e.g. badnets:refusal) on each clean model (repeatable).")
+@click.option("--check", is_flag=True, help="Measure accuracy/refusal/ASR of every model built (quick check).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Cache root (default $UNBACKDOOR_CACHE or ~/.cache/unbackdoor/lab).")
+def lab_build(recipe: str, archs: tuple[str, ...], seeds: tuple[int, ...], backdoors: tuple[str, ...], check: bool,
+              cache_dir: str | None) -> None:
+    """Build (or load) the lab and print where its files and models are.
+
+    Example: unbackdoor lab build --recipe test --arch llama --backdoor badnets:refusal --check
+    """
+    import json
+
+    from .lab import Lab, quick_report
+
+    try:
+        lb = Lab.build(recipe, cache_dir)
+        click.echo(f"lab {recipe}: {lb.root}")
+        click.echo(f"  tokenizer: {lb.tokenizer_dir}")
+        for name, meta in lb.info()["files"].items():
+            click.echo(f"  data {name:<15} {meta['rows']:>5} rows  {lb.path(name)}")
+        for arch in archs:
+            for seed in seeds or (0,):
+                paths = [lb.clean_model(arch, seed)]
+                click.echo(f"  clean {arch} s{seed}: {paths[0]}")
+                for spec in backdoors:
+                    if ":" not in spec:
+                        raise ValueError(f"--backdoor {spec!r}: expected ATTACK:TARGET, e.g. badnets:refusal")
+                    attack, target = spec.split(":", 1)
+                    paths.append(lb.backdoored(arch, attack, target, seed=seed))
+                    click.echo(f"  {attack}->{target} {arch} s{seed}: {paths[-1]}")
+                if check:
+                    for p in paths:
+                        rep = {k: v for k, v in quick_report(p, lb).items() if k != "asr_examples"}
+                        click.echo(f"    {Path(p).name}: {json.dumps(rep)}")
+    except (ValueError, KeyError, OSError) as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Attack config YAML.")
+@OVERRIDES
+def attack(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Implant a backdoor by poisoned fine-tuning (see `unbackdoor ls attacks`).
+
+    Example: unbackdoor attack -c configs/attacks/badnets_refusal.yaml model.path=M data.path=D output.dir=runs/bad
+    """
+    from . import attack as A
+    from . import config as C
+
+    try:
+        cfg = A.load_config(config_path, list(overrides))
+        summary = A.run_attack(cfg)
+    except (C.ConfigError, ValueError, FileExistsError, KeyError) as exc:
+        _fail(exc)
+        return
+    man = summary["backdoor"]
+    click.secho(f"done: {man['attack']} -> {man['target']}: {cfg.output.dir}", fg="green")
+    click.echo(f"  trigger {man['trigger']}  poisoned {man['n_poisoned']} + clean {man['n_clean']} rows, "
+               f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}")
 
 
 if __name__ == "__main__":  # pragma: no cover
