@@ -1,0 +1,226 @@
+"""CROW: remove a backdoor by internal-consistency regularization, without knowing the trigger.
+
+Paper: Min, Pham, Li, Sun, "CROW: Eliminating Backdoors from Large Language Models via Internal
+Consistency Regularization", ICML 2025, https://arxiv.org/abs/2411.12768. Official code:
+https://github.com/NayMyatMin/CROW (one ``compute_loss`` override in a LLaMA-Factory fork).
+
+In a clean model a token's hidden state changes smoothly from one decoder layer to the next; a trigger
+makes it jump. CROW fine-tunes the suspect model on a few clean samples with the LM loss plus a penalty
+on layer-to-layer inconsistency, measured on embeddings pushed (one FGSM step) in the direction that
+makes the model *most* inconsistent.
+
+Per micro-batch, with ``hs = model(..., output_hidden_states=True).hidden_states`` (``hs[0]`` the input
+embedding, ``hs[i]`` the output of decoder layer i, ``hs[L]`` the last one after the final norm):
+
+- ``e = embed(x)`` (paper: the input embeddings ``H^(0)``); the perturbed copy is built from ``e.detach()``;
+- consistency ``Lc(e) = mean over pairs l, batch, positions of 1 - cos(hs[l], hs[l+1])``
+  (paper: ``L_cons``; pairs l = 1..L-2 as the official code, config :attr:`Config.layer_pairs`);
+- direction ``g = dLc/de`` by :func:`torch.autograd.grad` w.r.t. ``e`` only (no parameter gradient is
+  touched, so gradient accumulation stays exact; the official code's in-loss ``backward()`` +
+  ``zero_grad()`` wipes earlier micro-batches);
+- FGSM ``e_adv = e + eps * sign(g)`` (paper: ``ε``, config :attr:`Config.eps`; one step, no projection);
+- ``L = L_lm + alpha * Lc(e_adv)`` (paper: ``L = L_LLM + α L_cons^adv``, config :attr:`Config.alpha`),
+  where ``L_lm`` is the response-token cross-entropy of the *clean* forward.
+
+The clean forward with hidden states also yields ``L_lm``, so one step costs 2 forwards + 2 backwards
+(the official code runs a third, plain forward for ``L_lm``; :func:`crow_loss_reference` keeps that
+3-forward computation for tests and the benchmark, and gives the same loss). The adversarial forward asks
+for one position of logits only (``logits_to_keep=1``): its loss reads hidden states, not the LM head.
+
+Our choices beyond the official code (see docs/crow.md): padding positions are left out of the
+consistency mean (``mask_padding``; ``faithful: true`` restores the official all-positions mean and
+forwards without an attention mask); ``e`` is detached, so full fine-tuning does not push the embedding
+table through the perturbed copy.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import anatomy
+from ..config import help_field
+from ..data import TrainCollator, encode_examples
+from ..train import fit
+
+log = logging.getLogger(__name__)
+
+NAME = "crow"
+SUMMARY = "fine-tune on clean data + adversarial layer-to-layer consistency (FGSM on embeddings); no trigger"
+KNOWS = "clean instruction data only (no trigger, no target, no poisoned data, no clean reference model)"
+
+
+@dataclass
+class Config:
+    """CROW's own fields; training length, lr, batch and LoRA live in the shared `train` / `lora` sections."""
+    eps: float = help_field(0.1, "FGSM step ε on the input embeddings (absolute, per coordinate). Official: 0.1.")
+    alpha: float = help_field(
+        5.5, "Weight α of the adversarial consistency loss in L = L_lm + α·L_cons^adv. Official default 5.5 "
+        "(the paper uses 11 for targeted refusal).")
+    layer_pairs: Optional[list[int]] = help_field(
+        None, "Layer indices l of the pairs (hs[l], hs[l+1]) compared, hs[0] = embedding, hs[L] = last layer "
+        "after the final norm. null = 1..L-2 (official: excludes the embedding->layer-1 pair and the post-norm "
+        "state).")
+    mask_padding: bool = help_field(
+        True, "Leave padding positions out of the consistency mean (our default: padding is not content).")
+    faithful: bool = help_field(
+        False, "Reproduce the official computation: consistency mean over every position (padding included) "
+        "and no attention mask in the forwards. Overrides mask_padding.")
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.eps > 0:
+            out.append(("eps", f"must be > 0, got {self.eps}; the official value is 0.1"))
+        if self.alpha < 0:
+            out.append(("alpha", f"must be >= 0, got {self.alpha}; the official value is 5.5"))
+        if self.layer_pairs is not None:
+            if not self.layer_pairs:
+                out.append(("layer_pairs", "empty; give layer indices like [1, 2, 3] or null for 1..L-2"))
+            bad = [i for i in self.layer_pairs if i < 0]
+            if bad:
+                out.append(("layer_pairs", f"indices must be >= 0, got {bad}; hs[0] is the embedding"))
+            if len(set(self.layer_pairs)) != len(self.layer_pairs):
+                out.append(("layer_pairs", f"has duplicates: {self.layer_pairs}"))
+            if self.faithful:
+                out.append(("layer_pairs", "faithful=true uses the official pairs 1..L-2; set layer_pairs=null "
+                                           "or faithful=false"))
+        return out
+
+
+# ----------------------------------------------------------------------------------- the math
+
+def resolve_pairs(num_layers: int, layer_pairs: Sequence[int] | None = None) -> list[int]:
+    """The layer indices l of the compared pairs (hs[l], hs[l+1]) for a model with ``num_layers`` layers."""
+    if layer_pairs is None:
+        pairs = list(range(1, num_layers - 1))
+        if not pairs:
+            raise ValueError(f"CROW's default pairs 1..L-2 are empty for a model with L={num_layers} decoder "
+                             "layers (it needs L >= 3); set method.layer_pairs, e.g. [0] or [1]")
+        return pairs
+    bad = [l for l in layer_pairs if not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"method.layer_pairs has {bad}, out of range for a model with L={num_layers} decoder "
+                         f"layers; each l must be in 0..{num_layers - 1} (it compares hs[l] with hs[l+1])")
+    return sorted(layer_pairs)
+
+
+def consistency(hidden_states: Sequence[torch.Tensor], pairs: Sequence[int],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``1 - cos(hs[l], hs[l+1])`` over the pairs, batch and positions (``mask``: 1 = counted)."""
+    total = None
+    for l in pairs:
+        d = 1.0 - F.cosine_similarity(hidden_states[l], hidden_states[l + 1], dim=-1, eps=1e-8)  # [B, T]
+        s = (d * mask).sum() if mask is not None else d.sum()
+        total = s if total is None else total + s
+    count = (mask.sum() if mask is not None else hidden_states[0].new_tensor(
+        float(hidden_states[0].shape[0] * hidden_states[0].shape[1]))) * len(pairs)
+    return total / count.clamp_min(1.0)
+
+
+def _wants_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal-LM forward accepts ``logits_to_keep`` (skip the LM head where it is not used)."""
+    base = model
+    for _ in range(8):
+        if hasattr(base, "get_base_model") and callable(base.get_base_model):
+            base = base.get_base_model()
+        elif hasattr(base, "module") and isinstance(base.module, nn.Module):
+            base = base.module
+        else:
+            break
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class CrowLoss:
+    """``loss_fn(module, batch) -> (L, metrics)`` for :func:`unbackdoor.train.fit`: 2 forwards, 2 backwards.
+
+    Args map to the paper: ``eps`` = ε, ``alpha`` = α; ``layer_pairs`` = the l of the pairs (hs[l], hs[l+1]);
+    ``mask_padding``: leave padding out of the mean; ``faithful``: official all-positions mean, no attention mask.
+    """
+
+    def __init__(self, eps: float = 0.1, alpha: float = 5.5, layer_pairs: Sequence[int] | None = None,
+                 mask_padding: bool = True, faithful: bool = False):
+        self.eps, self.alpha = float(eps), float(alpha)
+        self.layer_pairs = None if layer_pairs is None else list(layer_pairs)
+        self.mask_padding = mask_padding and not faithful
+        self.faithful = faithful
+
+    def _setup(self, model: nn.Module) -> tuple[nn.Module, list[int], bool]:
+        parts = anatomy(model)  # cheap; recomputed so that one CrowLoss can serve several models
+        return parts.embed, resolve_pairs(parts.num_layers, self.layer_pairs), _wants_logits_to_keep(model)
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        embed, pairs, ltk = self._setup(model)
+        ids, labels = batch["input_ids"], batch["labels"]
+        am = None if self.faithful else batch.get("attention_mask")
+        mask = batch["attention_mask"].to(torch.float32) if self.mask_padding and "attention_mask" in batch else None
+        # e stays attached to the embedding table so that L_lm trains it under full fine-tuning, exactly as a
+        # plain forward on input_ids would; where the table is frozen (LoRA) e becomes a leaf of its own.
+        e = embed(ids)
+        if not e.requires_grad:
+            e.requires_grad_(True)
+        # Clean forward: L_lm and the hidden states for the direction, from one pass.
+        out = model(inputs_embeds=e, attention_mask=am, labels=labels, output_hidden_states=True, use_cache=False)
+        lc_clean = consistency(out.hidden_states, pairs, mask)
+        # Direction dLc/de w.r.t. e only (no parameter .grad is touched); keep the graph for L_lm's backward.
+        (g,) = torch.autograd.grad(lc_clean, e, retain_graph=True)
+        e_adv = e.detach() + self.eps * g.sign()   # detached: L_adv trains the layers, not the table
+        extra = {"logits_to_keep": 1} if ltk else {}
+        adv = model(inputs_embeds=e_adv, attention_mask=am, output_hidden_states=True, use_cache=False, **extra)
+        lc_adv = consistency(adv.hidden_states, pairs, mask)
+        loss = out.loss + self.alpha * lc_adv
+        return loss, {"lm_loss": out.loss.detach().item(), "consistency_adv": lc_adv.detach().item(),
+                      "consistency_clean": lc_clean.detach().item()}
+
+
+def crow_loss_reference(model: nn.Module, batch: dict, *, eps: float = 0.1, alpha: float = 5.5,
+                        layer_pairs: Sequence[int] | None = None, mask_padding: bool = True,
+                        faithful: bool = False) -> torch.Tensor:
+    """The official 3-forward computation (clean-with-hidden-states, adversarial, clean LM), for tests and
+    the cost benchmark; :class:`CrowLoss` must give the same number."""
+    pairs = resolve_pairs(anatomy(model).num_layers, layer_pairs)
+    mask_padding = mask_padding and not faithful
+    am = None if faithful else batch.get("attention_mask")
+    mask = batch["attention_mask"].to(torch.float32) if mask_padding else None
+    e = anatomy(model).embed(batch["input_ids"]).detach().requires_grad_(True)
+    hs = model(inputs_embeds=e, attention_mask=am, output_hidden_states=True, use_cache=False).hidden_states
+    (g,) = torch.autograd.grad(consistency(hs, pairs, mask), e)
+    e_adv = e.detach() + eps * g.sign()
+    hs_adv = model(inputs_embeds=e_adv, attention_mask=am, output_hidden_states=True, use_cache=False).hidden_states
+    lm = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+               use_cache=False).loss
+    return lm + alpha * consistency(hs_adv, pairs, mask)
+
+
+# ----------------------------------------------------------------------------------- the recipe
+
+def loss_from_config(cfg: Config) -> CrowLoss:
+    return CrowLoss(eps=cfg.eps, alpha=cfg.alpha, layer_pairs=cfg.layer_pairs, mask_padding=cfg.mask_padding,
+                    faithful=cfg.faithful)
+
+
+def run(ctx) -> dict:
+    if not ctx.examples:
+        raise ValueError("crow needs clean data (about 100 instruction/answer pairs): set data.path")
+    mcfg: Config = ctx.method
+    model = ctx.make_trainable()
+    pairs = resolve_pairs(anatomy(model).num_layers, mcfg.layer_pairs)
+    log.info("crow: eps=%g alpha=%g pairs=%s mask_padding=%s faithful=%s", mcfg.eps, mcfg.alpha, pairs,
+             mcfg.mask_padding and not mcfg.faithful, mcfg.faithful)
+    feats = encode_examples(ctx.template, ctx.examples, ctx.cfg.data.max_length)
+    res = fit(model, loss_from_config(mcfg), feats, ctx.cfg.train, collate_fn=TrainCollator(ctx.tokenizer),
+              seed=ctx.cfg.seed, out_dir=ctx.out_dir, desc="crow")
+    last = res.metrics[-1] if res.metrics else {}
+    first = res.metrics[0] if res.metrics else {}
+    return {"steps": res.steps, "final_loss": res.losses[-1], "layer_pairs": pairs,
+            "lm_loss_first": first.get("lm_loss"), "lm_loss_last": last.get("lm_loss"),
+            "consistency_adv_first": first.get("consistency_adv"),
+            "consistency_adv_last": last.get("consistency_adv"),
+            "train_wall_time_s": round(res.wall_time_s, 3)}
