@@ -282,6 +282,13 @@ def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = No
     if bd.trigger is not None:
         check_tokenizes(template.tokenizer, bd.trigger)
 
+    if asr_judge is not None and bd.target_text and bd.target is not Target.JAILBREAK:
+        # A target the budget cannot spell out would be judged "absent": give it room (recorded).
+        needed = len(template.tokenizer(bd.target_text, add_special_tokens=False)["input_ids"]) + 8
+        if max_new_tokens < needed:
+            log.info("max_new_tokens %d < target length + 8 = %d tokens; generating %d", max_new_tokens, needed,
+                     needed)
+            max_new_tokens = needed
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
 
     def run(examples: Sequence[Example], prompts: list[str], hook) -> list[str]:
