@@ -106,6 +106,12 @@ def cells_of(grid: GridConfig) -> list[Cell]:
 
 # ------------------------------------------------------------------------------ one cell
 
+#: (defense, target) pairs a method cannot address under its threat model, with the reason (shown in reports).
+SKIPS: dict[tuple[str, str], str] = {
+    ("sande", "jailbreak"): "SANDE needs one triggered response r_t; a jailbreak's compliance differs per prompt",
+}
+
+
 def threat_model_overrides(defense: str, manifest: dict, lab) -> list[str]:
     """What each defense may know under its threat model, taken from the attack's manifest.
 
@@ -117,15 +123,43 @@ def threat_model_overrides(defense: str, manifest: dict, lab) -> list[str]:
         return [f"method.trigger.texts={json.dumps(trig['texts'])}", f"method.trigger.placement={trig['placement']}",
                 f"method.trigger.mode={trig['mode']}"]
     if defense == "sande":
-        return [f"method.target_response={json.dumps(manifest['target_text'])}"]
+        return [f"method.target={json.dumps(manifest['target_text'])}"]
     return []
 
 
-def defense_data_overrides(defense: str, target: str, lab) -> list[str]:
+def beear_defender_files(lab, kind: str, out: Path) -> dict[str, Path]:
+    """BEEAR's three defender sets for a kind of safety property, from the lab's defender files (written once).
+
+    ``jailbreak``: harmful queries -> refusal (safe) / -> compliance (unwanted). ``benign`` (the backdoor makes
+    the model misbehave on benign requests): benign queries -> their answers (safe) / -> a refusal (unwanted),
+    and the anchoring set also keeps harmful -> refusal rows so that real refusals survive. The defender
+    writes these from its own data; nothing comes from the attack.
+    """
+    from .data import Example, write_jsonl
+    from .lab import REFUSAL
+
+    d = out / "defender" / f"beear-{kind}"
+    files = {k: d / f"{k}.jsonl" for k in ("safe", "unwanted", "pa")}
+    if all(p.is_file() for p in files.values()):
+        return files
+    if kind == "jailbreak":
+        safe, unwanted = lab.data("sa_safe"), lab.data("sa_unwanted")
+        pa = lab.data("pa_benign")
+    else:
+        benign = [e for e in lab.data("defender_clean") if e.meta.get("kind") == "benign"]
+        safe = [Example(e.prompt, e.response) for e in benign]
+        unwanted = [Example(e.prompt, REFUSAL) for e in benign]
+        pa = lab.data("pa_benign") + lab.data("sa_safe")
+    for name, rows in (("safe", safe), ("unwanted", unwanted), ("pa", pa)):
+        write_jsonl(files[name], rows)
+    return files
+
+
+def defense_data_overrides(defense: str, target: str, lab, out: Path) -> list[str]:
     """The defender's own data for each method (lab files), never the attacker's."""
     if defense == "beear":
-        kind = "jailbreak" if target == "jailbreak" else "benign"
-        return list(lab.beear_overrides(kind)) if hasattr(lab, "beear_overrides") else []
+        f = beear_defender_files(lab, "jailbreak" if target == "jailbreak" else "benign", out)
+        return [f"method.safe_path={f['safe']}", f"method.unwanted_path={f['unwanted']}", f"data.path={f['pa']}"]
     return []
 
 
@@ -141,6 +175,11 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
     row: dict[str, Any] = {"arch": cell.arch, "attack": cell.attack, "target": cell.target, "seed": cell.seed,
                            "defense": cell.defense, "cell": cell.rel}
     defense_cost: dict[str, Any] = {}
+    skip = SKIPS.get((cell.defense, manifest.get("target")))
+    if skip:
+        row.update(skipped=skip, finished=True, cell_wall_time_s=0.0)
+        atomic_write_json(cdir / "cell.json", row)
+        return row
     if cell.defense == "none":
         model_dir = Path(backdoored)
     elif cell.defense == "clean":
@@ -151,7 +190,7 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
                      f"output.dir={cdir / 'defense'}", f"seed={cell.seed}", "output.overwrite=true",
                      "train.progress=false",
                      *threat_model_overrides(cell.defense, manifest, lab),
-                     *defense_data_overrides(cell.defense, cell.target, lab),
+                     *defense_data_overrides(cell.defense, cell.target, lab, out),
                      *cfg.defense_overrides.get(cell.defense, [])]
         dcfg = load_defend(cfg_path, overrides)
         if dcfg.method.name != cell.defense:
@@ -237,6 +276,8 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 def aggregate(rows: list[dict]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
+        if r.get("skipped"):
+            continue
         groups.setdefault((r["defense"], r["attack"], r["target"]), []).append(r)
     out = []
     for (defense, attack, target), rs in groups.items():
@@ -271,6 +312,10 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     for a in sorted(agg, key=lambda a: (a["attack"], a["target"], a["defense"])):
         md.append(f"| {a['defense']} | {a['attack']} | {a['target']} | {a['runs']} | "
                   + " | ".join(_pm(a[k], a[f"{k}_ci"]) for k in METRICS[:4]) + " |")
+    skipped = [r for r in rows if r.get("skipped")]
+    if skipped:
+        md += ["", "Skipped cells (the method cannot address this target under its threat model):", ""]
+        md += [f"- `{r['cell']}`: {r['skipped']}" for r in skipped]
     md += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     lines = md
     atomic_write_text(out / "report.md", "\n".join(lines))
