@@ -74,6 +74,8 @@ def example_from_record(rec: Any, where: str) -> Example:
         raise DataError(f"{where}: field {rkey!r} must be a string, got {type(response).__name__}")
     known = {pkey, rkey, "input", "system"}
     meta = {k: v for k, v in rec.items() if k not in known}
+    if isinstance(meta.get("meta"), dict):  # a row written by Example.to_json(): its meta round-trips
+        meta = {**{k: v for k, v in meta.items() if k != "meta"}, **meta["meta"]}
     return Example(prompt=prompt, response=response, system=rec.get("system"), meta=meta)
 
 

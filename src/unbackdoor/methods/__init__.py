@@ -15,6 +15,12 @@ from types import ModuleType
 
 METHODS: dict[str, str] = {
     "finetune": "unbackdoor.methods.finetune",
+    "crow": "unbackdoor.methods.crow",
+    "osft": "unbackdoor.methods.osft",
+    "sande": "unbackdoor.methods.sande",
+    "beear": "unbackdoor.methods.beear",
+    "prune": "unbackdoor.methods.prune",
+    "quantize": "unbackdoor.methods.quantize",
 }
 
 
