@@ -24,9 +24,17 @@ def _fail(exc: BaseException) -> None:
 
 #: Config kinds that `validate` knows: kind -> (detect key, loader(data, source)).
 def _config_kinds():
+    from . import config as C
     from . import defend
 
-    kinds = {"defend": ("method", defend.resolve)}
+    kinds = {}
+    try:
+        from .lab import LabRecipe
+
+        kinds["lab"] = ("world", lambda data, source: C.build(LabRecipe, data, source))
+    except ImportError:
+        pass
+    kinds["defend"] = ("method", defend.resolve_shipped)
     try:
         from . import attack
 

@@ -85,6 +85,28 @@ def resolve(data: dict, source: str | None = None) -> DefendConfig:
     return cfg
 
 
+#: Fields a shipped defend config leaves to the command line (model.path=..., output.dir=...).
+COMMAND_LINE_FIELDS = (("model", "path"), ("output", "dir"))
+
+
+def resolve_shipped(data: dict, source: str | None = None) -> DefendConfig:
+    """Validate a config file meant to be completed on the command line: the model and output folder may
+    be absent (placeholders stand in); every other problem is reported."""
+    import copy
+
+    data = copy.deepcopy(data or {})
+    for section, key in COMMAND_LINE_FIELDS:
+        node = data.setdefault(section, {})
+        if isinstance(node, dict) and not node.get(key):
+            node[key] = f"<{section}.{key} from the command line>"
+    method = data.get("method")
+    if isinstance(method, dict) and method.get("name") in method_names():
+        for key in getattr(get_method(method["name"]), "COMMAND_LINE_FIELDS", ()):
+            if not method.get(key):
+                method[key] = f"<method.{key} from the command line>"
+    return resolve(data, source)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> DefendConfig:
     data = C.load_yaml(path) if path else {}
     C.apply_overrides(data, list(overrides))

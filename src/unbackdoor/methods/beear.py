@@ -76,6 +76,8 @@ SUMMARY = ("bi-level: fit a universal perturbation δ at an inner layer that eli
            "then train the model to stay safe under δ (no trigger knowledge)")
 KNOWS = ("no trigger, no poisoned data: harmful queries with safe and unwanted answers (D_SA, D_SA-H) and "
          "benign anchoring pairs (D_PA)")
+#: Config fields a shipped config leaves to the command line (the defender's own files).
+COMMAND_LINE_FIELDS = ("safe_path", "unwanted_path")
 
 #: The paper's anchor: input of decoder layer 9 of Llama-2-7B's 32.
 PAPER_ANCHOR = (9, 32)
