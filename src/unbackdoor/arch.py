@@ -57,7 +57,7 @@ def _get(obj, path: str):
     return obj
 
 
-def _base(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """Unwrap PEFT and distributed wrappers down to the transformers causal-LM."""
     seen = 0
     while seen < 8:
@@ -81,7 +81,7 @@ def _matches(model: nn.Module, layout: Layout) -> bool:
 
 
 def layout_for(model: nn.Module) -> Layout:
-    base = _base(model)
+    base = base_model(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     layout = LAYOUTS.get(model_type)
     if layout is not None and _matches(base, layout):
@@ -98,7 +98,7 @@ def layout_for(model: nn.Module) -> Layout:
 
 def anatomy(model: nn.Module) -> Anatomy:
     """Decoder layers, token embedding and final norm of any supported causal LM (PEFT-wrapped or not)."""
-    base = _base(model)
+    base = base_model(model)
     layout = layout_for(base)
     body = _get(base, layout.body)
     norm = getattr(body, layout.norm, None) if layout.norm else None

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import anatomy
+from ..arch import anatomy, base_model
 from ..config import help_field
 from ..data import TrainCollator, encode_examples
 from ..train import fit
@@ -124,14 +124,7 @@ def consistency(hidden_states: Sequence[torch.Tensor], pairs: Sequence[int],
 
 def _wants_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal-LM forward accepts ``logits_to_keep`` (skip the LM head where it is not used)."""
-    base = model
-    for _ in range(8):
-        if hasattr(base, "get_base_model") and callable(base.get_base_model):
-            base = base.get_base_model()
-        elif hasattr(base, "module") and isinstance(base.module, nn.Module):
-            base = base.module
-        else:
-            break
+    base = base_model(model)
     try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
