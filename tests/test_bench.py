@@ -1,0 +1,52 @@
+"""The benchmark grid on the lab (test recipe): cells, resume without recomputation, outputs."""
+import json
+from pathlib import Path
+
+import pytest
+
+from unbackdoor import bench as B
+from unbackdoor import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick():
+    return B.load_config(ROOT / "configs" / "bench" / "quick.yaml")
+
+
+def test_grid_validation_names_unknown_defense():
+    with pytest.raises(C.ConfigError, match="unknown defense 'crowe'"):
+        B.resolve({"grid": {"defenses": ["crowe"]}})
+
+
+def test_quick_grid_resumes_without_recomputing(quick, tmp_path):
+    calls = []
+
+    def counting(cell, cfg, out, lab):
+        calls.append(cell.rel)
+        return B.run_cell(cell, cfg, out, lab)
+
+    rows = B.run_bench(quick, tmp_path, cell_runner=counting)
+    assert len(rows) == len(B.cells_of(quick.grid)) == len(calls)
+    none = next(r for r in rows if r["defense"] == "none")
+    assert none["asr_with_trigger"] >= 0.8 and none["n"] >= 1  # the lab backdoor is there
+    for name in ("results.csv", "results.json", "report.md", "asr_vs_accuracy.png", "asr_by_target.png", "run.json"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "asr_vs_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "report.md").read_text()
+    # every row traces to a cell folder with its generations
+    for r in rows:
+        assert (tmp_path / r["cell"] / "eval" / "generations.jsonl").is_file()
+
+    # an interruption: the last cell never finished
+    last = tmp_path / rows[-1]["cell"] / "cell.json"
+    last.unlink()
+    calls.clear()
+    rows2 = B.run_bench(quick, tmp_path, cell_runner=counting)
+    assert calls == [rows[-1]["cell"]]  # only the unfinished cell ran again
+    assert (tmp_path / "report.md").read_text() == table
+    cost = ("wall_time_s", "peak_memory_mb")  # measured, not deterministic
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith(cost)} for r in rs]  # noqa: E731
+    assert strip(rows2) == strip(rows)
+    assert json.loads((tmp_path / "results.json").read_text())[0]["cell"] == rows[0]["cell"]
