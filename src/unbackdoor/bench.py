@@ -327,6 +327,10 @@ def _pm(m: float, ci: float) -> str:
     return f"{100 * m:.1f} ± {100 * ci:.1f}"
 
 
+def targets_of(agg: list[dict]) -> set[tuple[str, str]]:
+    return {(a["attack"], a["target"]) for a in agg}
+
+
 def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -342,6 +346,15 @@ def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
         ax.errorbar([100 * a["benign_accuracy"] for a in pts], [100 * a["asr_with_trigger"] for a in pts],
                     xerr=[100 * a["benign_accuracy_ci"] for a in pts], yerr=[100 * a["asr_with_trigger_ci"] for a in pts],
                     fmt="o", color=colors[d], label=d, capsize=3, alpha=0.85)
+    # name the points (several defenses can land on the same spot, e.g. 0% ASR at equal accuracy)
+    spots: dict[tuple[float, float], list[str]] = {}
+    for a in agg:
+        if a["benign_accuracy"] == a["benign_accuracy"] and a["asr_with_trigger"] == a["asr_with_trigger"]:
+            key = (round(100 * a["benign_accuracy"], 1), round(100 * a["asr_with_trigger"], 1))
+            spots.setdefault(key, []).append(a["defense"] if len(targets_of(agg)) == 1 else
+                                             f"{a['defense']} ({a['attack']}->{a['target']})")
+    for (x, y), names in spots.items():
+        ax.annotate(", ".join(sorted(set(names))), (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
     ax.set_xlabel("benign task accuracy (%)  →  better")
     ax.set_ylabel("ASR with trigger (%)  ↓  better")
     ax.set_title("Backdoor removal vs utility (mean ± 95% CI over seeds)")
