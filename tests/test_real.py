@@ -63,7 +63,7 @@ def test_attack_defend_evaluate_one_step_each(real, tmp_path):
              "beear": [f"method.safe_path={real.path('defender_clean')}",
                        f"method.unwanted_path={real.path('defender_clean')}", "method.n_rounds=1",
                        "method.inner_epochs=1", "method.inner_samples=2", "method.pa_samples=2",
-                       "method.check_samples=0"]}
+                       "method.check_samples=0", "method.trainable=lora"]}
     for name, over in extra.items():
         cfg_path = f"configs/{name}/lab.yaml"
         cfg = load_config(cfg_path, [*common, *over, f"output.dir={tmp_path / name}"])
