@@ -77,7 +77,31 @@ def get_accelerator(mixed_precision: MixedPrecision | str = MixedPrecision.NO, l
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if not log_with:
         _ACCELERATOR = acc
+    if acc.num_processes > 1:
+        _close_process_group_at_exit()
     return acc
+
+
+_CLOSER_REGISTERED = False
+
+
+def _close_process_group_at_exit() -> None:
+    """Destroy the process group before the interpreter exits: a gloo group left open can abort a rank
+    ("terminate called without an active exception") after its work is done."""
+    global _CLOSER_REGISTERED
+    if _CLOSER_REGISTERED:
+        return
+    import atexit
+
+    def close():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            try:
+                torch.distributed.barrier()
+            finally:
+                torch.distributed.destroy_process_group()
+
+    atexit.register(close)
+    _CLOSER_REGISTERED = True
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
