@@ -13,6 +13,7 @@ trigger (the oracle upper bound for trigger-agnostic methods), ``prune`` and ``q
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -212,7 +213,8 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
             row[k] = v.get("rate")
             if "lo" in v:
                 row[f"{k}_lo"], row[f"{k}_hi"] = v.get("lo"), v.get("hi")
-            row.setdefault("n", v.get("n")) if k == "asr_with_trigger" else None
+            if k == "asr_with_trigger":
+                row.setdefault("n", v.get("n"))
         else:
             row[k] = v
     row.update(defense_cost)
@@ -293,9 +295,6 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     atomic_write_json(out / "results.json", rows)
     keys = sorted({k for r in rows for k in r if not isinstance(r[k], (dict, list))},
                   key=lambda k: (k not in ("arch", "attack", "target", "seed", "defense"), k))
-    lines = []
-    import io
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -317,8 +316,7 @@ def write_outputs(rows: list[dict], out: Path) -> None:
         md += ["", "Skipped cells (the method cannot address this target under its threat model):", ""]
         md += [f"- `{r['cell']}`: {r['skipped']}" for r in skipped]
     md += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
-    lines = md
-    atomic_write_text(out / "report.md", "\n".join(lines))
+    atomic_write_text(out / "report.md", "\n".join(md))
 
 
 def _pm(m: float, ci: float) -> str:
