@@ -252,6 +252,62 @@ def eval_cmd(model_dir: str, data: tuple[str, ...], out: str, judge: str | None,
     click.secho(f"wrote {Path(out) / 'results.json'}, generations.jsonl, summary.md", fg="green")
 
 
+def _cell(value) -> str:
+    """A table cell: floats to 4 decimals, None as '-'."""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+@main.command("harness")
+@click.argument("model_dir", type=click.Path())
+@click.option("--tasks", required=True, help="Comma-separated lm-eval task names, e.g. unbackdoor_mc,arc_easy.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (can be the `unbackdoor eval` folder).")
+@click.option("--include-path", "include_paths", multiple=True, type=click.Path(file_okay=False),
+              help="A folder of extra lm-eval task YAMLs (repeatable).")
+@click.option("--limit", type=float, default=None,
+              help="Only the first N documents of each task (a fraction when below 1; recorded).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size for scoring.")
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples (default: each task's own).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cpu or cuda:0.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and few-shot choice.")
+@click.option("--trust-remote-code", is_flag=True, help="Run modelling code shipped with the checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace harness results already in --out.")
+def harness_cmd(model_dir: str, tasks: str, out: str, include_paths: tuple[str, ...], limit: float | None,
+                batch_size: int, num_fewshot: int | None, device: str, seed: int, trust_remote_code: bool,
+                overwrite: bool) -> None:
+    """Score MODEL_DIR on lm-evaluation-harness tasks (needs the lm-eval extra).
+
+    Writes OUT/harness.json (metrics per task, settings, versions) and OUT/harness_samples.jsonl (every
+    document with the model's answers and per-item correctness). The task `unbackdoor_mc` ships with the
+    package and runs offline.
+
+    Example: unbackdoor harness runs/bad/model --tasks unbackdoor_mc --out runs/bad/eval
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .eval.harness import SAMPLES_FILE, SUMMARY_FILE, metric_rows, run_harness
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    try:
+        summary = run_harness(model_dir, tasks, out, include_path=list(include_paths) or None, limit=limit,
+                              batch_size=batch_size, num_fewshot=num_fewshot, device=device,
+                              trust_remote_code=trust_remote_code, seed=seed, overwrite=overwrite)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+        return
+    t = Table(title=f"lm-eval {summary['lm_eval_version']}: {Path(model_dir).name}")
+    for head in ("task", "metric", "value", "stderr", "n"):
+        t.add_column(head, justify="left" if head in ("task", "metric") else "right")
+    for task, metric, value, stderr, n in metric_rows(summary):
+        t.add_row(task, metric, _cell(value), _cell(stderr), _cell(n))
+    Console().print(t)
+    click.secho(f"wrote {Path(out) / SUMMARY_FILE}, {SAMPLES_FILE}", fg="green")
+
+
 @main.command()
 @click.option("--out", "out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Output folder: results.json, report.md, plots, one folder per cell (resumable).")
