@@ -35,6 +35,26 @@ def test_lora_targets_found_and_applied(tiny_model, arch):
     assert anatomy(peft_model).num_layers == 2
 
 
+def test_fused_rank_gives_fused_layers_r_times_projections(tiny_model, arch):
+    cfg = LoraConfig(enabled=True, r=4, alpha=8, target_modules=["all-linear"], fused_rank=True,
+                     rank_pattern={"dense_4h_to_h": 2} if arch == "gpt_neox" else {"down_proj": 2})
+    ranks = {n.rsplit(".", 1)[-1]: (m.r["default"], m.scaling["default"])
+             for n, m in apply_lora(tiny_model, cfg).named_modules() if hasattr(m, "lora_A")}
+    if arch == "gpt_neox":   # fused q/k/v: 3 x r; the explicit pattern wins where it names a module
+        assert ranks == {"query_key_value": (12, 2.0), "dense": (4, 2.0), "dense_h_to_4h": (4, 2.0),
+                         "dense_4h_to_h": (2, 2.0)}
+    else:                    # separate projections: nothing is fused, every layer keeps r
+        assert ranks["q_proj"] == ranks["k_proj"] == ranks["gate_proj"] == (4, 2.0)
+        assert ranks["down_proj"] == (2, 2.0)
+
+
+def test_rank_pattern_rejects_bad_rank():
+    from unbackdoor.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        build(LoraConfig, {"rank_pattern": {"q_proj": 0}})
+
+
 def test_save_load_roundtrip_and_pickle_refused(tmp_path, tiny_model, tokenizer):
     out = save_model_atomic(tiny_model, tokenizer, tmp_path / "m")
     m2 = load_model(ModelConfig(path=str(out)))

@@ -34,6 +34,23 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
+#: Linear layers that fuse several projections into one weight, and how many they fuse (GPT-NeoX/Falcon
+#: ``query_key_value``, GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` / ``gate_up_proj``, Baichuan ``W_pack``, MPT/Phi
+#: ``Wqkv``). A rank-r LoRA on such a layer shares one r-dimensional input subspace between all of them.
+FUSED_PROJECTIONS: dict[str, int] = {"query_key_value": 3, "c_attn": 3, "qkv_proj": 3, "W_pack": 3, "Wqkv": 3,
+                                     "gate_up_proj": 2}
+
+
+def fused_linear_names(model: nn.Module) -> dict[str, int]:
+    """Leaf names of the model's fused linear layers (see :data:`FUSED_PROJECTIONS`) -> projections fused."""
+    found = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in FUSED_PROJECTIONS and hasattr(module, "weight"):
+            found[leaf] = FUSED_PROJECTIONS[leaf]
+    return found
+
+
 @dataclass
 class Anatomy:
     layers: nn.ModuleList

@@ -151,9 +151,24 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     if targets == ["all-linear"]:
         targets = "all-linear"
     fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"
+    ranks = lora_rank_pattern(model, cfg)
+    alphas = {k: cfg.alpha * r / cfg.r for k, r in ranks.items()}
     pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
+                          task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out, rank_pattern=ranks,
+                          alpha_pattern=alphas)
     return get_peft_model(model, pcfg)
+
+
+def lora_rank_pattern(model: nn.Module, cfg: LoraConfig) -> dict[str, int]:
+    """PEFT rank_pattern from ``cfg``: fused layers at r x projections (when ``fused_rank``), then the
+    explicit ``rank_pattern`` entries. Alpha follows each rank, so alpha / r is the same everywhere."""
+    from .arch import fused_linear_names
+
+    ranks: dict[str, int] = {}
+    if cfg.fused_rank:
+        ranks.update({name: cfg.r * n for name, n in fused_linear_names(model).items()})
+    ranks.update(cfg.rank_pattern)
+    return ranks
 
 
 def unwrap_for_save(model: nn.Module, merge: bool = True) -> nn.Module:

@@ -82,9 +82,19 @@ class LoraConfig:
     target_modules: list[str] = help_field(
         ["auto"], "Modules to adapt: ['auto'] (the model-type table, else all linear), ['all-linear'], or names.")
     merge: bool = help_field(True, "Merge the trained adapter into the weights when saving the output model.")
+    fused_rank: bool = help_field(
+        False, "Give a fused linear layer (GPT-NeoX query_key_value, GPT-2 c_attn, Phi-3 qkv_proj/gate_up_proj) "
+        "rank and alpha x the number of projections it fuses, so the adapter has the capacity it has on a "
+        "model with separate q/k/v (or gate/up) layers. Off: every layer gets rank r (PEFT's behaviour).")
+    rank_pattern: dict[str, int] = help_field(
+        {}, "Per-module rank, PEFT's rank_pattern (module-name regex -> rank); alpha scales with it. "
+        "Overrides fused_rank for the modules it names.")
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank < 1:
+                out.append((f"rank_pattern.{key}", f"must be an integer rank >= 1, got {rank!r}"))
         if self.r < 1:
             out.append(("r", f"must be >= 1, got {self.r}"))
         if not 0.0 <= self.dropout < 1.0:
