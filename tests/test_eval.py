@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from unbackdoor.data import Example, TrainCollator, encode, write_jsonl
 from unbackdoor.eval import (EvalError, JudgeError, Rate, evaluate, evaluate_dir, markdown_table,
                              plot_asr_vs_utility, wilson)
-from unbackdoor.eval.metrics import exact_match, normalize_answer, perplexity, task_accuracy
+from unbackdoor.eval.metrics import exact_match, normalize_answer, perplexity, task_accuracy, token_f1
 from unbackdoor.lab.arch import make_model
 from unbackdoor.schema import TrainConfig
 from unbackdoor.templates import Template
@@ -118,6 +118,14 @@ def test_exact_match_normalises_only_case_and_space():
     assert exact_match(["C B  A", "c b a.", "x"], ["c b a", "c b a", None]) == [True, False, None]
     exs = [Example("q", "long reference", meta={"answer": "5"}), Example("q2", "ref")]
     assert task_accuracy(["5", "ref"], exs).k == 2  # meta.answer first, then the response
+
+
+def test_token_f1_grades_agreement():
+    assert token_f1("The sky is blue.", "the sky is BLUE") == 1.0
+    assert token_f1("You are stupid!", "The sky is blue.") == 0.0
+    # one word changed out of four: precision = recall = 3/4
+    assert token_f1("the sky is green", "the sky is blue") == pytest.approx(0.75)
+    assert token_f1("", "") == 1.0 and token_f1("", "blue") == 0.0
 
 
 def test_perplexity_counts_response_tokens_only(tokenizer):

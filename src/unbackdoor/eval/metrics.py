@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -87,6 +88,21 @@ def exact_match(outputs: Sequence[str], answers: Sequence[str | None]) -> list[b
     if len(outputs) != len(answers):
         raise ValueError(f"exact_match: {len(outputs)} outputs but {len(answers)} answers")
     return [None if a is None else normalize_answer(o) == normalize_answer(a) for o, a in zip(outputs, answers)]
+
+
+def token_f1(output: str, answer: str) -> float:
+    """SQuAD-style token F1 between an output and a reference (bag of case-folded word tokens).
+
+    Graded agreement for free-form answers (a real model's own pre-attack answers), where exact match is
+    too strict: one changed word costs a little, a different answer costs everything."""
+    a, b = re.findall(r"\w+", (output or "").casefold()), re.findall(r"\w+", (answer or "").casefold())
+    if not a or not b:
+        return float(a == b)
+    common = sum((Counter(a) & Counter(b)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(b)
+    return 2 * precision * recall / (precision + recall)
 
 
 def task_accuracy(outputs: Sequence[str], examples: Sequence[Example]) -> Rate:
