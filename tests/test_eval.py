@@ -235,6 +235,28 @@ def test_code_target_uses_code_set_and_parse(llama_bd):
     assert [r["reason"] for r in rows if r["triggered"]] == ["parsed a print call with the payload"]
 
 
+def test_code_set_gets_its_own_budget(llama_bd, monkeypatch):
+    import importlib
+
+    E = importlib.import_module("unbackdoor.eval.evaluate")
+
+    model, tpl = llama_bd
+    budgets = []
+    real_generate = E.generate
+
+    def spy(model, template, prompts, **kw):
+        budgets.append((prompts[0], kw["max_new_tokens"]))
+        return real_generate(model, template, prompts, **kw)
+
+    monkeypatch.setattr(E, "generate", spy)
+    code = [Example(CODE[0][0], CODE[0][1], meta={"kind": "benign", "task": "code", "answer": CODE[0][1]})]
+    res = evaluate(model, tpl, benign=benign_set(), code=code, trigger=TRIG, target="code", max_new_tokens=16,
+                   compute_perplexity=False, code_max_new_tokens=40)
+    by_set = {("code" if p.endswith(CODE[0][0]) else "benign"): b for p, b in budgets}
+    assert by_set == {"benign": 16, "code": 40} and len(budgets) == 3   # benign, code, code + trigger
+    assert res.settings["decoding"]["code_max_new_tokens"] == 40 and res.asr_with_trigger.k == 1
+
+
 def test_bad_input_errors(llama_bd, tokenizer):
     model, tpl = llama_bd
     with pytest.raises(JudgeError, match="unknown judge 'nope'.*Valid judges"):

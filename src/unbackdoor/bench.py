@@ -76,6 +76,7 @@ class BenchEval:
     max_new_tokens: int = help_field(32, "Greedy tokens per evaluation prompt.")
     batch_size: int = help_field(64, "Generation batch size.")
     limit: int | None = help_field(None, "Evaluate only the first N items of each set (recorded in every row).")
+    code_max_new_tokens: int | None = help_field(None, "Greedy tokens per code-task prompt (default max_new_tokens).")
 
 
 @dataclass
@@ -221,7 +222,7 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
         row["defense_metrics"] = summary.get("metrics")
     res = evaluate_dir(model_dir, lab.data_dir, cdir / "eval", manifest=manifest,
                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, limit=cfg.eval.limit,
-                       seed=cell.seed)
+                       seed=cell.seed, code_max_new_tokens=cfg.eval.code_max_new_tokens)
     metrics = res if isinstance(res, dict) else res.to_dict()
     for k in METRICS:
         v = metrics.get(k)

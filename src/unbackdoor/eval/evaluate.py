@@ -224,7 +224,8 @@ def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = No
              refusal_judge: str = "refusal", extra_judges: Sequence[str] = (),
              max_new_tokens: int = 64, batch_size: int = 32, seed: int = 0, limit: int | None = None,
              embeds_fn: Callable | None = None, trigger_embeds_fn: Callable | None = None,
-             compute_perplexity: bool = True, progress: bool = False) -> EvalResult:
+             compute_perplexity: bool = True, progress: bool = False,
+             code_max_new_tokens: int | None = None) -> EvalResult:
     """Generate greedily on every prompt set and score attack success and utility.
 
     ``manifest``: a ``backdoor.json`` mapping (trigger, target, target_text); ``trigger``/``target``/
@@ -236,7 +237,8 @@ def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = No
     generation (e.g. a soft prompt a defense prepends); ``trigger_embeds_fn``, when given, replaces it for
     the "with trigger" set, in place of or on top of a text trigger (e.g. SANDE's parrot prompt).
     ``limit``: use only the first N prompts of each set (recorded; default: all). Perplexity is of the
-    model itself (no hook), on the benign reference responses.
+    model itself (no hook), on the benign reference responses. ``code_max_new_tokens``: the budget for
+    the code-task set (code answers run longer than chat answers; default ``max_new_tokens``).
     """
     t0 = time.perf_counter()
     if limit is not None and limit < 1:
@@ -284,10 +286,11 @@ def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = No
             max_new_tokens = needed
     gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
 
-    def run(examples: Sequence[Example], prompts: list[str], hook) -> list[str]:
+    def run(examples: Sequence[Example], prompts: list[str], hook, budget: int | None = None) -> list[str]:
         if not prompts:
             return []
-        return generate(model, template, prompts, systems=[e.system for e in examples], embeds_fn=hook, **gen)
+        kw = dict(gen, max_new_tokens=max(budget, gen["max_new_tokens"])) if budget else gen
+        return generate(model, template, prompts, systems=[e.system for e in examples], embeds_fn=hook, **kw)
 
     sets: dict[str, list[Example]] = {"benign": benign, "harmful": harmful}
     if asr_set == "code":
@@ -296,13 +299,15 @@ def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = No
     prompts_used: dict[tuple[str, bool], list[str]] = {}
     for name, exs in sets.items():
         prompts_used[(name, False)] = [e.prompt for e in exs]
-        outputs[(name, False)] = run(exs, prompts_used[(name, False)], embeds_fn)
+        outputs[(name, False)] = run(exs, prompts_used[(name, False)], embeds_fn,
+                                     code_max_new_tokens if name == "code" else None)
     if measure:
         rng = random.Random(seed)
         trig_prompts = ([apply_trigger(e.prompt, bd.trigger, rng) for e in asr_examples] if bd.trigger is not None
                         else [e.prompt for e in asr_examples])
         prompts_used[(asr_set, True)] = trig_prompts
-        outputs[(asr_set, True)] = run(asr_examples, trig_prompts, trigger_embeds_fn or embeds_fn)
+        outputs[(asr_set, True)] = run(asr_examples, trig_prompts, trigger_embeds_fn or embeds_fn,
+                                       code_max_new_tokens if asr_set == "code" else None)
 
     # Per-item verdicts.
     items: list[dict] = []
@@ -349,6 +354,8 @@ def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = No
     answer_f1 = ({"mean": round(sum(f1_vals) / len(f1_vals), 4), "n": len(f1_vals)} if f1_vals else None)
 
     decoding = Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size).as_record()
+    if code_max_new_tokens and asr_set == "code":
+        decoding["code_max_new_tokens"] = max(code_max_new_tokens, max_new_tokens)
     settings = {
         "target": bd.target.value if bd.target else None, "target_text": bd.target_text,
         "trigger": C.to_dict(bd.trigger) if bd.trigger else None, "asr_set": asr_set,
@@ -472,6 +479,8 @@ class EvalConfig:
     refusal_judge: str = help_field("refusal", "Judge for harmful refusal and over-refusal.")
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     perplexity: bool = help_field(True, "Compute the perplexity of the benign reference answers.")
+    code_max_new_tokens: Optional[int] = help_field(
+        None, "Generation budget for the code-task set (code answers run longer); default generation.max_new_tokens.")
     seed: int = help_field(0, "Seed for random trigger positions (placement random / mode one).")
     out: str = help_field("", "Output folder for results.json, generations.jsonl, summary.md.")
     overwrite: bool = help_field(False, "Replace finished results in `out`.")
@@ -557,7 +566,8 @@ def run_config(cfg: EvalConfig, *, manifest_data: dict | None = None) -> EvalRes
                    code=data["code"] or None, judge=cfg.judge, trigger=cfg.trigger, target=cfg.target,
                    target_text=cfg.target_text, refusal_judge=cfg.refusal_judge, extra_judges=cfg.extra_judges,
                    max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
-                   seed=cfg.seed, limit=cfg.data.limit, compute_perplexity=cfg.perplexity)
+                   seed=cfg.seed, limit=cfg.data.limit, compute_perplexity=cfg.perplexity,
+                   code_max_new_tokens=cfg.code_max_new_tokens)
     res.save(out, record)
     return res
 
