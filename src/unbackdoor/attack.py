@@ -318,10 +318,11 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     from .data import TrainCollator, encode_examples, load_examples, read_file
     from .defend import prepare_output
     from .models import apply_lora, count_parameters, load_model, load_tokenizer, save_model_atomic
-    from .record import RunRecord, atomic_write_json
+    from .record import RunRecord, atomic_write_json, now
     from .templates import Template
     from .train import fit, lm_loss, seed_everything
 
+    started = now()
     out_dir = Path(cfg.output.dir)
     prepare_output(out_dir, cfg.output.overwrite)
     cfg.model.path = resolve_lab_path(cfg.model.path, "model")
@@ -356,7 +357,7 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     atomic_write_json(out_dir / "backdoor.json", man)
     record = RunRecord(out_dir, f"attack {man['attack']}", config=cfg, seeds={"seed": cfg.seed})
     record.set_template(template)
-    record.update(backdoor=man, steps=res.steps, final_loss=res.losses[-1], train_wall_time_s=round(res.wall_time_s, 2),
+    record.update(started=started, backdoor=man, steps=res.steps, final_loss=res.losses[-1], train_wall_time_s=round(res.wall_time_s, 2),
                   attack_wall_time_s=round(time.perf_counter() - t0, 2), peak_memory_mb=round(res.peak_memory_mb, 1),
                   trainable_parameters=train_p, total_parameters=total_p, n_train_rows=len(data.rows))
     record.write(finished=True)
