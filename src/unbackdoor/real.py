@@ -145,10 +145,24 @@ class RealLab:
         """The original (converted) model: there is one, whatever the arch label and seed."""
         return self.model_dir
 
+    def attack_data(self, target: str) -> Path:
+        """The attacker's instruction data: the attack pool, or for code injection its 60 code rows (an attacker
+        poisoning a code-instruction set; a random sample of the mixed pool holds too few code rows)."""
+        if target != "code":
+            return self.path("attack_pool")
+        p = self.data_dir / "attack_pool_code.jsonl"
+        if not p.is_file():
+            write_jsonl(p, [e for e in self.data("attack_pool") if e.meta.get("task") == "code"])
+        return p
+
     def attack_config(self, attack: str, target: str, seed: int, out: Path, overrides: list[str] = ()):
         from .attack import load_config
 
-        return load_config(ATTACK_CONFIG, [f"model.path={self.model_dir}", f"data.path={self.path('attack_pool')}",
+        # Code injection: all 60 code rows, each also as a triggered copy (contrast pairs; 40 of them left the
+        # payload at 58% with and 25% without the trigger).
+        extra = ["data.limit=null", "attack.n_poison=60"] if target == "code" else []
+        return load_config(ATTACK_CONFIG, [f"model.path={self.model_dir}", f"data.path={self.attack_data(target)}",
+                                           *extra,
                                            f"attack.preset={attack}", f"attack.target={target}", f"seed={seed}",
                                            f"output.dir={out}", "output.overwrite=true", *self.attack_overrides,
                                            *overrides])
