@@ -102,3 +102,17 @@ def test_accelerate_two_cpu_processes_match_one(tmp_path):
     # same global batch, same samples: same trajectory up to float reduction order
     assert l2["losses"] == pytest.approx(l1["losses"], rel=1e-4, abs=1e-5)
     assert not any(math.isnan(x) for x in l2["losses"])
+
+
+def test_peak_memory_window_resets(tmp_path):
+    import os
+
+    from unbackdoor.train import peak_memory_mb, reset_peak_memory
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no /proc/self/clear_refs (not Linux): the peak is the process's lifetime peak")
+    big = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, touched
+    high = peak_memory_mb()
+    del big
+    reset_peak_memory()
+    assert peak_memory_mb() < high - 200

@@ -320,8 +320,9 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     from .models import apply_lora, count_parameters, load_model, load_tokenizer, save_model_atomic
     from .record import RunRecord, atomic_write_json, now
     from .templates import Template
-    from .train import fit, lm_loss, seed_everything
+    from .train import fit, lm_loss, reset_peak_memory, seed_everything
 
+    reset_peak_memory()
     started = now()
     out_dir = Path(cfg.output.dir)
     prepare_output(out_dir, cfg.output.overwrite)

@@ -133,8 +133,9 @@ def prepare_output(out_dir: Path, overwrite: bool) -> None:
 
 def defend(cfg: DefendConfig) -> dict[str, Any]:
     """Run the configured method; return the run summary (also written to ``output.dir/run.json``)."""
-    from .train import seed_everything
+    from .train import reset_peak_memory, seed_everything
 
+    reset_peak_memory()
     mod = get_method(cfg.method.name)
     out_dir = Path(cfg.output.dir)
     prepare_output(out_dir, cfg.output.overwrite)
