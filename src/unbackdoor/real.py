@@ -210,12 +210,14 @@ class RealLab:
 
 
 def build(max_new_tokens: int = 64, code_max_new_tokens: int = 128, batch_size: int = 32, seed: int = 0,
-          cache_dir: str | Path | None = None, gguf_path: str | Path | None = None) -> RealLab:
+          cache_dir: str | Path | None = None, gguf_path: str | Path | None = None,
+          max_prompts: int | None = None) -> RealLab:
     """Convert the packaged SmolLM2 once and write the data files with self-generated references (cached).
 
     References are greedy, ``max_new_tokens`` long for general prompts (evaluate with the same budget, so
     that exact agreement is meaningful) and ``code_max_new_tokens`` for code prompts, so that a code block
-    closes and an injected payload lands inside it, early in the answer."""
+    closes and an injected payload lands inside it, early in the answer. ``max_prompts`` keeps the first N
+    general and N code prompts of each pool (a quick build for tests)."""
     from .generate import generate
     from .models import load_model, load_tokenizer
     from .schema import ModelConfig
@@ -223,6 +225,10 @@ def build(max_new_tokens: int = 64, code_max_new_tokens: int = 128, batch_size: 
 
     model_dir = convert_gguf(Path(gguf_path) if gguf_path else find_packaged_gguf())
     pools = prompts(seed)
+    if max_prompts is not None:
+        pools = {k: [p for p in v if p not in _CODE_PROMPTS][:max_prompts] + [p for p in v if p in _CODE_PROMPTS][:max_prompts]
+                 for k, v in pools.items()}
+        pools = {k: v for k, v in pools.items() if v}
     key = hashlib.sha256(json.dumps(pools, sort_keys=True).encode()).hexdigest()[:8]
     root = Path(cache_dir) if cache_dir else cache_root() / "real" / f"smollm2-s{seed}-t{max_new_tokens}-c{code_max_new_tokens}-{key}"
     data_dir = root / "data"
