@@ -173,10 +173,7 @@ def beear_defender_files(lab, kind: str, out: Path) -> dict[str, Path]:
 def defense_data_overrides(defense: str, target: str, lab, out: Path) -> list[str]:
     """The defender's own data for each method (lab files), never the attacker's."""
     if defense == "beear":
-        if hasattr(lab, "beear_files"):   # a lab that writes its own defender sets (the real scenario)
-            f = lab.beear_files(target, out)
-        else:
-            f = beear_defender_files(lab, "jailbreak" if target == "jailbreak" else "benign", out)
+        f = lab.beear_files(target, out)
         return [f"method.safe_path={f['safe']}", f"method.unwanted_path={f['unwanted']}", f"data.path={f['pa']}"]
     return []
 

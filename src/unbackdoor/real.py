@@ -174,14 +174,15 @@ class RealLab:
         from .attack import run_attack
         from .config import to_dict
 
-        probe = self.attack_config(attack, target, seed, self.models_dir / "probe")
-        cfg = to_dict(probe)
-        cfg.pop("output", None)
-        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        cfg = self.attack_config(attack, target, seed, self.models_dir)
+        key = to_dict(cfg)
+        key.pop("output", None)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
         out = self.models_dir / f"{attack}-{target}-s{seed}-{digest}"
         if not (out / "backdoor.json").is_file():
             log.info("real model: implanting %s -> %s (seed %d) into %s", attack, target, seed, out)
-            run_attack(self.attack_config(attack, target, seed, out))
+            cfg.output.dir = str(out)
+            run_attack(cfg)
         return out
 
     def beear_files(self, target: str, out: Path) -> dict[str, Path]:
@@ -197,14 +198,15 @@ class RealLab:
         files = {k: d / f"{k}.jsonl" for k in ("safe", "unwanted", "pa")}
         if all(p.is_file() for p in files.values()):
             return files
-        rows = self.data("defender_clean")
+        clean = self.data("defender_clean")
+        rows = clean
         if target == "code":
             rows = [e for e in rows if e.meta.get("task") == "code"]
             unwanted = [Example(e.prompt, inject_code(e.response, DEFENDER_UNWANTED["code"])) for e in rows]
         else:
             unwanted = [Example(e.prompt, DEFENDER_UNWANTED[target]) for e in rows]
         safe = [Example(e.prompt, e.response) for e in rows]
-        for name, rs in (("safe", safe), ("unwanted", unwanted), ("pa", self.data("defender_clean"))):
+        for name, rs in (("safe", safe), ("unwanted", unwanted), ("pa", clean)):
             write_jsonl(files[name], rs)
         return files
 

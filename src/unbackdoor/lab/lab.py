@@ -367,6 +367,13 @@ class Lab:
         log.info("lab clean %s s%d: %d params, %d steps in %.1fs, loss %.4f", arch.value, seed, total, res.steps,
                  res.wall_time_s, res.losses[-1])
 
+    def beear_files(self, target: str, out: Path) -> dict[str, Path]:
+        """BEEAR's defender sets for a backdoor target, written from the lab's defender files (see
+        :func:`unbackdoor.bench.beear_defender_files`)."""
+        from ..bench import beear_defender_files
+
+        return beear_defender_files(self, "jailbreak" if target == "jailbreak" else "benign", Path(out))
+
     def backdoored(self, arch: LabArch | str = "llama", attack: str = "badnets", target: str = "refusal",
                    seed: int = 0, clean_seed: int = 0, poison_rate: float | None = None) -> Path:
         """A backdoored variant of ``clean_model(arch, clean_seed)`` made by :mod:`unbackdoor.attack`
