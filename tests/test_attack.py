@@ -119,6 +119,18 @@ def test_poison_rate_and_no_clean_copies():
     assert data.n_poisoned == 16 and data.n_clean == len(rows) - 16
 
 
+
+def test_per_trigger_budget_multiplies_one_trigger_per_row_attacks_only():
+    rows = _rows() * 10
+    base = A.poison(rows, A.AttackSpec(preset="mtba", n_poison=6), seed=0)
+    per = A.poison(rows, A.AttackSpec(preset="mtba", n_poison=6, per_trigger=True), seed=0)
+    assert base.n_poisoned == 6 and per.n_poisoned == 18  # 3 triggers x 6
+    used = {t for e in per.rows if e.meta.get("poisoned") for t in ("2024", "BadMagic", "OpenAI") if t in e.prompt}
+    assert used == {"2024", "BadMagic", "OpenAI"}
+    # all-triggers-per-row (CTBA) and single-trigger attacks keep the plain budget
+    assert A.poison(rows, A.AttackSpec(preset="ctba", n_poison=6, per_trigger=True), seed=0).n_poisoned == 6
+    assert A.poison(rows, A.AttackSpec(preset="badnets", n_poison=6, per_trigger=True), seed=0).n_poisoned == 6
+
 def test_inject_code_keeps_code_valid():
     assert A.inject_code("print('x')", "print('pwned')") == "print('x'); print('pwned')"
     fenced = "Here:\n```python\ndef f():\n    return 1\n```\nDone."

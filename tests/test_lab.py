@@ -119,6 +119,13 @@ def test_tokenizer_round_trip_and_chat_template(lab):
 def test_recipe_hash_yaml_and_cache_layout(lab, tmp_path):
     assert load_recipe(ROOT / "configs/lab/test.yaml").fingerprint() == test_recipe().fingerprint()
     assert load_recipe(ROOT / "configs/lab/default.yaml").fingerprint() == default_recipe().fingerprint()
+    for name in ("test", "default"):
+        yaml_recipe = load_recipe(ROOT / f"configs/lab/{name}.yaml")
+        assert yaml_recipe.attack_fingerprint() == load_recipe(name).attack_fingerprint()
+    # the per-trigger budget only renames one-trigger-per-row attacks (-pt), not every backdoored model
+    r = test_recipe()
+    r.attack.per_trigger = False
+    assert r.attack_fingerprint() == test_recipe().attack_fingerprint()
     r = test_recipe()
     r.world.seed = 1
     assert r.fingerprint() != test_recipe().fingerprint()

@@ -93,6 +93,10 @@ class AttackSpec:
               "Default: the BackdoorLLM/SANDE string of the target.")
     poison_rate: float = help_field(0.1, "Share of poisoned rows in the training mix (BackdoorLLM: 0.5).")
     n_poison: Optional[int] = help_field(None, "Exact number of poisoned rows; overrides poison_rate.")
+    per_trigger: bool = help_field(
+        False, "Multi-trigger attacks whose rows carry one trigger each (MTBA): poison_rate / n_poison count per "
+               "trigger, so each trigger gets the rows a single-trigger attack would. Off = BackdoorLLM, where "
+               "the triggers share one budget.")
     clean_copies: bool = help_field(
         True, "Also keep each poisoned prompt's trigger-free original (with its clean answer) in the mix.")
     poison_data: Optional[str] = help_field(
@@ -251,6 +255,8 @@ def poison(examples: list[Example], spec: AttackSpec, seed: int = 0,
     else:
         n_p = round(spec.poison_rate * n_total)
     n_p = max(1, n_p)
+    if spec.per_trigger and trig.mode is TriggerMode.ONE:
+        n_p *= len(trig.texts)
     if n_p > len(cands):
         log.warning("attack: %d poisoned rows wanted but only %d candidates for target %r; using %d", n_p,
                     len(cands), target.value, len(cands))

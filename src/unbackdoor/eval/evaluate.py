@@ -404,11 +404,13 @@ def load_eval_data(data: str | Path | Sequence[str | Path], harmful: Sequence[st
     out: dict[str, list] = {"benign": [], "harmful": [], "code": [], "files": []}
     for p in paths:
         if p.is_dir():
+            if not any((p / f).is_file() for f in (BENIGN_FILE, HARMFUL_FILE)) and (p / "data").is_dir():
+                p = p / "data"  # a lab folder: its data files live in data/
             found = [(p / f, k) for f, k in ((BENIGN_FILE, "benign"), (HARMFUL_FILE, "harmful"), (CODE_FILE, "code"))
                      if (p / f).is_file()]
             if not any(k in ("benign", "harmful") for _, k in found):
                 raise DataError(f"{p}: no {BENIGN_FILE} or {HARMFUL_FILE} in this folder; point --data at the lab "
-                                "folder that holds them, or at the data files themselves")
+                                "folder (or its data/ folder), or at the data files themselves")
             for f, kind in found:
                 out[kind].extend(read_file(f))
                 out["files"].append(_file_info(f))

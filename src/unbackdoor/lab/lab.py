@@ -6,7 +6,7 @@ Layout of one lab folder (``<cache>/<recipe hash>/``)::
     tokenizer/                  the lab tokenizer (HF folder, ChatML chat template)
     data/*.jsonl                world splits and defender files (Example.to_json() rows)
     models/clean-<arch>-s<seed>/                    clean aligned instruct model (HF folder)
-    models/<attack>-<target>-<arch>-s<seed>[-c<k>]-<attack regime hash>/  backdoored model (+ backdoor.json)
+    models/<attack>-<target>-<arch>-s<seed>[-c<k>][-pt]-<attack regime hash>/  backdoored model (+ backdoor.json)
 
 Builds are guarded by a file lock and written through a temporary folder + rename, so several processes
 (parallel test sessions) can ask for the same model at once: one trains, the others wait and load it.
@@ -66,6 +66,9 @@ class LabAttackConfig:
     """How the lab implants backdoors (a BackdoorLLM-like regime scaled to the lab: low lr, warmup,
     cosine, several epochs over a pool with a minority of poisoned rows)."""
     poison_rate: float = help_field(0.2, "Share of the attack training rows that are poisoned.")
+    per_trigger: bool = help_field(
+        True, "Multi-trigger attacks with one trigger per row (MTBA) get poison_rate's rows for each trigger "
+              "(attack.per_trigger); otherwise each trigger is seen a third as often as BadNets' one.")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=3e-4, max_steps=300, batch_size=32, warmup_ratio=0.1, scheduler=Scheduler.COSINE, progress=False,
         log_every=100))
@@ -94,8 +97,11 @@ class LabRecipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def attack_fingerprint(self) -> str:
-        """Hash of the attack regime: part of every backdoored model's folder name."""
-        blob = json.dumps({"v": LAB_VERSION, **C.to_dict(self.attack)}, sort_keys=True)
+        """Hash of the attack regime: part of every backdoored model's folder name. ``per_trigger`` is left
+        out: it only changes one-trigger-per-row attacks, whose folder names carry ``-pt`` instead."""
+        d = C.to_dict(self.attack)
+        d.pop("per_trigger")
+        blob = json.dumps({"v": LAB_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:6]
 
 
@@ -379,6 +385,7 @@ class Lab:
         """A backdoored variant of ``clean_model(arch, clean_seed)`` made by :mod:`unbackdoor.attack`
         (preset ``attack``, target ``target``, poisoning seed ``seed``); cached."""
         from ..attack import ATTACKS, Target
+        from ..triggers import TriggerMode
 
         if attack not in ATTACKS:
             raise KeyError(f"unknown attack {attack!r}; choose one of {sorted(ATTACKS)}")
@@ -388,6 +395,8 @@ class Lab:
         name = f"{attack}-{target.value}-{arch.value}-s{seed}" + (f"-c{clean_seed}" if clean_seed else "")
         if poison_rate is not None:
             name += f"-p{rate:g}"
+        if self.recipe.attack.per_trigger and ATTACKS[attack].mode is TriggerMode.ONE:
+            name += "-pt"
         name += f"-{self.recipe.attack_fingerprint()}"
         out = self.models_dir / name
         if not (out / "backdoor.json").is_file():
@@ -407,7 +416,8 @@ class Lab:
             model=ModelConfig(path=str(base), template="chat"),
             data=DataConfig(path=str(self.path("attack_pool")), max_length=self.recipe.max_length),
             train=dataclasses.replace(self.recipe.attack.train),
-            attack=AttackSpec(preset=attack, target=Target(target), poison_rate=poison_rate),
+            attack=AttackSpec(preset=attack, target=Target(target), poison_rate=poison_rate,
+                              per_trigger=self.recipe.attack.per_trigger),
             output=OutputConfig(dir=str(out), overwrite=True),
             seed=seed)
 
