@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", nargs="*", default=[],
                    help="overrides for BOTH runs (shared train/data/lora keys keep the budget equal)")
     p.add_argument("--crow-set", nargs="*", default=[], help="overrides for the CROW run only (method.* keys)")
+    p.add_argument("--defenses", nargs="+", default=["none", "finetune", "crow"],
+                   choices=["none", "finetune", "crow"], help="which rows to run (e.g. crow only for a screening)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--runs", type=Path, default=ROOT / "runs/lab_crow")
     p.add_argument("--table", type=Path, default=ROOT / "docs/results/crow.md")
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
                     jobs = [("none", None, None, []), ("finetune", "finetune", a.finetune_config, a.overrides),
                             ("crow", "crow", a.crow_config, a.overrides + a.crow_set)]
                     for name, method, config, ov in jobs:
-                        if (arch, attack, target, seed, name) in done:
+                        if (arch, attack, target, seed, name) in done or name not in a.defenses:
                             continue
                         info = {}
                         model_dir = bd

@@ -132,11 +132,20 @@ def test_layer_pairs(tokenizer):
         crow.resolve_pairs(2)
     with pytest.raises(ValueError, match=r"layer_pairs has \[4\].*0\.\.3"):
         crow.resolve_pairs(4, [1, 4])
+    # last_pair: every block but the first, at any depth
+    assert crow.resolve_pairs(4, last_pair=True) == [1, 2, 3]
+    assert crow.resolve_pairs(32, last_pair=True) == list(range(1, 32))
+    assert crow.resolve_pairs(2, last_pair=True) == [1]
+    assert crow.resolve_pairs(4, [0, 3], last_pair=True) == [0, 3]
     model = _model(tokenizer, "llama")
     batch = _padded_batch(tokenizer)
     a = crow.CrowLoss(layer_pairs=[0])(model, batch)[1]["consistency_clean"]
     b = crow.CrowLoss()(model, batch)[1]["consistency_clean"]
     assert a != pytest.approx(b)
+    c = crow.CrowLoss(last_pair=True)(model, batch)[1]["consistency_clean"]
+    d = crow.CrowLoss(layer_pairs=crow.resolve_pairs(crow.anatomy(model).num_layers, last_pair=True))(
+        model, batch)[1]["consistency_clean"]
+    assert c == pytest.approx(d) and c != pytest.approx(b)
 
 
 def test_config_validation_and_official_yaml():
@@ -161,6 +170,10 @@ def test_config_validation_and_official_yaml():
     for k in ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "scheduler", "warmup_ratio"):
         assert getattr(lab.train, k) == getattr(ft.train, k), k  # the baseline has the same budget
     assert lab.data.limit == ft.data.limit and lab.lora == ft.lora
+    assert lab.method.last_pair and not cfg.method.last_pair  # official pairs unless the config says so
+    with pytest.raises(ConfigError, match="method.last_pair"):
+        resolve({"method": {"name": "crow", "last_pair": True, "faithful": True},
+                 "model": {"path": "x"}, "output": {"dir": "y"}})
 
 
 @pytest.fixture()

@@ -66,6 +66,10 @@ class Config:
         None, "Layer indices l of the pairs (hs[l], hs[l+1]) compared, hs[0] = embedding, hs[L] = last layer "
         "after the final norm. null = 1..L-2 (official: excludes the embedding->layer-1 pair and the post-norm "
         "state).")
+    last_pair: bool = help_field(
+        False, "Also compare the last layer's output with the post-norm final state (pair L-1, i.e. regularize the "
+        "last block too). The official pairs leave it out, which on a deep model is 1 block in L but on a "
+        "4-layer model is a quarter of the network.")
     mask_padding: bool = help_field(
         True, "Leave padding positions out of the consistency mean (our default: padding is not content).")
     faithful: bool = help_field(
@@ -89,15 +93,20 @@ class Config:
             if self.faithful:
                 out.append(("layer_pairs", "faithful=true uses the official pairs 1..L-2; set layer_pairs=null "
                                            "or faithful=false"))
+        if self.last_pair and self.faithful:
+            out.append(("last_pair", "faithful=true uses the official pairs 1..L-2; set last_pair=false "
+                                     "or faithful=false"))
         return out
 
 
 # ----------------------------------------------------------------------------------- the math
 
-def resolve_pairs(num_layers: int, layer_pairs: Sequence[int] | None = None) -> list[int]:
-    """The layer indices l of the compared pairs (hs[l], hs[l+1]) for a model with ``num_layers`` layers."""
+def resolve_pairs(num_layers: int, layer_pairs: Sequence[int] | None = None, last_pair: bool = False) -> list[int]:
+    """The layer indices l of the compared pairs (hs[l], hs[l+1]) for a model with ``num_layers`` layers;
+    ``last_pair`` adds l = L-1 (the last layer's output vs the post-norm final state)."""
+    extra = {num_layers - 1} if last_pair else set()
     if layer_pairs is None:
-        pairs = list(range(1, num_layers - 1))
+        pairs = sorted(set(range(1, num_layers - 1)) | extra)
         if not pairs:
             raise ValueError(f"CROW's default pairs 1..L-2 are empty for a model with L={num_layers} decoder "
                              "layers (it needs L >= 3); set method.layer_pairs, e.g. [0] or [1]")
@@ -106,7 +115,7 @@ def resolve_pairs(num_layers: int, layer_pairs: Sequence[int] | None = None) -> 
     if bad:
         raise ValueError(f"method.layer_pairs has {bad}, out of range for a model with L={num_layers} decoder "
                          f"layers; each l must be in 0..{num_layers - 1} (it compares hs[l] with hs[l+1])")
-    return sorted(layer_pairs)
+    return sorted(set(layer_pairs) | extra)
 
 
 def consistency(hidden_states: Sequence[torch.Tensor], pairs: Sequence[int],
@@ -139,15 +148,16 @@ class CrowLoss:
     """
 
     def __init__(self, eps: float = 0.1, alpha: float = 5.5, layer_pairs: Sequence[int] | None = None,
-                 mask_padding: bool = True, faithful: bool = False):
+                 mask_padding: bool = True, faithful: bool = False, last_pair: bool = False):
         self.eps, self.alpha = float(eps), float(alpha)
         self.layer_pairs = None if layer_pairs is None else list(layer_pairs)
+        self.last_pair = last_pair
         self.mask_padding = mask_padding and not faithful
         self.faithful = faithful
 
     def _setup(self, model: nn.Module) -> tuple[nn.Module, list[int], bool]:
         parts = anatomy(model)  # cheap; recomputed so that one CrowLoss can serve several models
-        return parts.embed, resolve_pairs(parts.num_layers, self.layer_pairs), _wants_logits_to_keep(model)
+        return parts.embed, resolve_pairs(parts.num_layers, self.layer_pairs, self.last_pair), _wants_logits_to_keep(model)
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         embed, pairs, ltk = self._setup(model)
@@ -196,7 +206,7 @@ def crow_loss_reference(model: nn.Module, batch: dict, *, eps: float = 0.1, alph
 
 def loss_from_config(cfg: Config) -> CrowLoss:
     return CrowLoss(eps=cfg.eps, alpha=cfg.alpha, layer_pairs=cfg.layer_pairs, mask_padding=cfg.mask_padding,
-                    faithful=cfg.faithful)
+                    faithful=cfg.faithful, last_pair=cfg.last_pair)
 
 
 def run(ctx) -> dict:
@@ -204,7 +214,7 @@ def run(ctx) -> dict:
         raise ValueError("crow needs clean data (about 100 instruction/answer pairs): set data.path")
     mcfg: Config = ctx.method
     model = ctx.make_trainable()
-    pairs = resolve_pairs(anatomy(model).num_layers, mcfg.layer_pairs)
+    pairs = resolve_pairs(anatomy(model).num_layers, mcfg.layer_pairs, mcfg.last_pair)
     log.info("crow: eps=%g alpha=%g pairs=%s mask_padding=%s faithful=%s", mcfg.eps, mcfg.alpha, pairs,
              mcfg.mask_padding and not mcfg.faithful, mcfg.faithful)
     feats = encode_examples(ctx.template, ctx.examples, ctx.cfg.data.max_length)
