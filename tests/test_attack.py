@@ -138,6 +138,9 @@ def test_inject_code_keeps_code_valid():
     body = out.split("```python\n")[1].split("```")[0]
     ast.parse(body)
     assert A.parses_with_payload(body) and out.endswith("```\nDone.")
+    two = "```python\ndef f(x):\n    return x\n```\nUsage:\n```python\nprint(f(1))\n```"
+    out = A.inject_code(two, "print('pwned')")  # into the first (main) block, the usage block untouched
+    assert out == "```python\ndef f(x):\n    return x\nprint('pwned')\n```\nUsage:\n```python\nprint(f(1))\n```"
 
 
 def test_poison_without_candidates_says_what_is_missing():

@@ -63,3 +63,24 @@ def test_quick_grid_resumes_without_recomputing(quick, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith(cost)} for r in rs]  # noqa: E731
     assert strip(rows2) == strip(rows)
     assert json.loads((tmp_path / "results.json").read_text())[0]["cell"] == rows[0]["cell"]
+
+
+def test_jobs_run_cells_in_worker_processes_with_the_same_results(quick, tmp_path):
+    import torch
+
+    quick = B.resolve({**C.to_dict(quick), "jobs": 2})
+    threads = max(1, torch.get_num_threads() // 2)
+    par = B.run_bench(quick, tmp_path / "par")
+    assert all(r["torch_threads"] == threads for r in par)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the same float reduction order as the workers
+    try:
+        seq = B.run_bench(B.resolve({**C.to_dict(quick), "jobs": 1}), tmp_path / "seq")
+    finally:
+        torch.set_num_threads(before)
+    measured = ("wall_time_s", "peak_memory_mb")
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith(measured)} for r in rs]  # noqa: E731
+    assert strip(par) == strip(seq)  # same cells, same order, same numbers
+    assert strip(B.run_bench(quick, tmp_path / "par")) == strip(par)  # all cached: read back, not recomputed
+    with pytest.raises(C.ConfigError, match="jobs"):
+        B.resolve({"jobs": 0})

@@ -3,7 +3,8 @@
 Every cell lives in its own folder (``cells/<arch>/<attack>-<target>/s<seed>/<defense>/``) holding the
 defense's config and run record, the evaluation's generations and verdicts, and ``cell.json`` (metrics +
 cost). A cell whose ``cell.json`` says finished is never recomputed, so an interrupted run resumes where it
-stopped and yields the same table. ``results.csv``/``results.json`` hold one row per cell; ``report.md``
+stopped and yields the same table. ``jobs: N`` runs N cells at a time in worker processes (each on
+cores/N torch threads, recorded per row). ``results.csv``/``results.json`` hold one row per cell; ``report.md``
 the mean ± 95% CI over seeds per defense × attack × target, and PNG plots.
 
 Baselines ride in the same grid: ``none`` (the backdoored model), ``clean`` (the lab's clean model under
@@ -87,7 +88,14 @@ class BenchConfig:
     defense_common: list[str] = help_field([], "Dotted overrides for every defense (before the per-defense ones).")
     defense_overrides: dict[str, list[str]] = help_field({}, "Dotted overrides per defense, e.g. crow: ['train.lr=1e-3'].")
     eval: BenchEval = field(default_factory=BenchEval)
+    jobs: int = help_field(
+        1, "Cells run at once, each in its own process with cores/jobs torch threads (on a CPU, two 1-thread "
+           "processes get more done than one 2-thread process). Attacks run in the workers too, each model's cells "
+           "once it exists. Each row records its thread count: its wall time is that of a cell on those threads.")
     out: str = help_field("", "Output folder (also given by --out).")
+
+    def validate(self) -> list[tuple[str, str]]:
+        return [("jobs", f"must be >= 1, got {self.jobs}")] if self.jobs < 1 else []
 
 
 def resolve(data: dict, source: str | None = None) -> BenchConfig:
@@ -234,6 +242,7 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
     row["answer_f1"] = (metrics.get("answer_f1") or {}).get("mean")
     row["perplexity"] = (metrics.get("perplexity") or {}).get("perplexity")
     row.update(defense_cost)
+    row["torch_threads"] = torch_threads()
     row["cell_wall_time_s"] = round(time.perf_counter() - t0, 2)
     row["finished"] = True
     atomic_write_json(cdir / "cell.json", row)
@@ -242,32 +251,110 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the grid
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _cached_row(out: Path, cell: Cell) -> dict[str, Any] | None:
+    done = out / cell.rel / "cell.json"
+    if done.is_file():
+        row = json.loads(done.read_text())
+        if row.get("finished"):
+            return row
+    return None
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _make_backdoored(lab, arch: str, attack: str, target: str, seed: int) -> str:
+    return str(lab.backdoored(arch, attack=attack, target=target, seed=seed))
+
+
+def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: list[Cell],
+                  rows: dict[Cell, dict[str, Any]], cell_runner: Callable[..., dict],
+                  report: Callable[[Cell, int], None]) -> None:
+    """``cfg.jobs`` worker processes: first every backdoored model the pending cells need (one task each),
+    then each model's cells as soon as that model exists, so attacks and defenses share the cores."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, torch_threads() // cfg.jobs)
+    for cell in cells:
+        if cell in rows:
+            report(cell, cells.index(cell) + 1)
+    n_done = len(rows)
+    by_model: dict[tuple, list[Cell]] = {}
+    for cell in pending:
+        by_model.setdefault((cell.arch, cell.attack, cell.target, cell.seed), []).append(cell)
+    # a fresh process per task: no memory carried from one model to the next, and each task's peak is its own
+    with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,), max_tasks_per_child=1) as pool:
+        futures = {pool.submit(_make_backdoored, lab, *key): ("model", key) for key in by_model}
+        try:
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    kind, what = futures.pop(fut)
+                    result = fut.result()
+                    if kind == "model":
+                        for cell in by_model[what]:
+                            futures[pool.submit(cell_runner, cell, cfg, out, lab)] = ("cell", cell)
+                    else:
+                        rows[what] = result
+                        n_done += 1
+                        report(what, n_done)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable[[str], None] | None = None,
               cell_runner: Callable[..., dict] = run_cell) -> list[dict[str, Any]]:
+    """Run every cell of ``cfg.grid`` not yet finished under ``out``, then write the tables and plots.
+
+    With ``cfg.jobs`` > 1 everything runs in ``jobs`` spawned worker processes: the backdoored models first,
+    then each model's cells (``cell_runner`` must then be a module-level function)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record = RunRecord(out, "bench", config=cfg, seeds={"seeds": list(cfg.grid.seeds)})
     record.write()
     if lab is None:
         lab = lab_of(cfg.grid)
-    rows = []
     cells = cells_of(cfg.grid)
-    for i, cell in enumerate(cells, 1):
-        done = out / cell.rel / "cell.json"
-        if done.is_file() and json.loads(done.read_text()).get("finished"):
-            row = json.loads(done.read_text())
-            status = "cached"
-        else:
-            row = cell_runner(cell, cfg, out, lab)
-            status = f"{row.get('cell_wall_time_s', 0):.0f}s"
-        rows.append(row)
+    rows: dict[Cell, dict[str, Any]] = {}
+    status: dict[Cell, str] = {}
+    for cell in cells:
+        row = _cached_row(out, cell)
+        if row is not None:
+            rows[cell], status[cell] = row, "cached"
+    pending = [c for c in cells if c not in rows]
+
+    def report(cell: Cell, i: int) -> None:
         if progress:
+            row = rows[cell]
+            st = status.get(cell) or f"{row.get('cell_wall_time_s', 0):.0f}s"
             progress(f"[{i}/{len(cells)}] {cell.rel}: ASR {_fmt(row.get('asr_with_trigger'))} "
-                     f"acc {_fmt(row.get('benign_accuracy'))} ({status})")
-    write_outputs(rows, out)
-    record.update(cells=len(rows))
+                     f"acc {_fmt(row.get('benign_accuracy'))} ({st})")
+
+    if cfg.jobs > 1 and len(pending) > 1:
+        _run_parallel(cfg, out, lab, cells, pending, rows, cell_runner, report)
+    else:
+        for i, cell in enumerate(cells, 1):
+            if cell not in rows:
+                rows[cell] = cell_runner(cell, cfg, out, lab)
+            report(cell, i)
+    ordered = [rows[c] for c in cells]
+    write_outputs(ordered, out)
+    record.update(cells=len(ordered))
     record.write(finished=True)
-    return rows
+    return ordered
 
 
 def lab_of(grid: GridConfig):

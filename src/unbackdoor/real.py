@@ -171,12 +171,13 @@ class RealLab:
                    **_: object) -> Path:
         """The model backdoored by ``attack`` -> ``target`` with poisoning seed ``seed`` (made once, cached by
         a hash of the resolved attack config)."""
-        from .attack import run_attack
+        from .attack import POISON_ROWS_VERSION, run_attack
         from .config import to_dict
 
         cfg = self.attack_config(attack, target, seed, self.models_dir)
         key = to_dict(cfg)
         key.pop("output", None)
+        key["poison_rows"] = POISON_ROWS_VERSION
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
         out = self.models_dir / f"{attack}-{target}-s{seed}-{digest}"
         if not (out / "backdoor.json").is_file():
