@@ -3,7 +3,7 @@
 For every (arch, attack, target, seed): build/load the lab's backdoored model, evaluate it undefended, run
 ``defend crow`` (configs/crow/lab.yaml) and ``defend finetune`` (configs/finetune/lab.yaml: same data,
 steps, lr, schedule, batch) on the defender's clean file, evaluate both with :mod:`unbackdoor.eval`, and
-write a markdown table of the means (docs/results/crow.md) plus every raw row (JSON).
+write a markdown table of the means (RUNS/table.md, or --table) plus every raw row (RUNS/rows.json).
 
     .venv/bin/python benchmarks/lab_crow.py --archs llama gpt_neox --attacks badnets vpi \
         --targets refusal fixed --seeds 0 1 2
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                    choices=["none", "finetune", "crow"], help="which rows to run (e.g. crow only for a screening)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--runs", type=Path, default=ROOT / "runs/lab_crow")
-    p.add_argument("--table", type=Path, default=ROOT / "docs/results/crow.md")
+    p.add_argument("--table", type=Path, default=None,
+                   help="markdown table to write (default: RUNS/table.md; docs/results/crow.md is hand-edited)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     bad = [o for o in a.crow_set if not o.startswith("method.")]
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
                     print(f"# {arch} {attack} {target} s{seed}: {time.perf_counter() - t0:.0f}s", flush=True)
     md = table(rows)
     print(md)
+    a.table = a.table or a.runs / "table.md"
     a.table.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/lab_crow.py " + " ".join(sys.argv[1:])
     cases = sorted({(r["arch"], r["attack"], r["target"]) for r in rows})

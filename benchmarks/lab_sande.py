@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--sande-set", nargs="*", default=[], help="method.* overrides for the SANDE runs only")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--runs", type=Path, default=ROOT / "runs/lab_sande")
-    p.add_argument("--table", type=Path, default=ROOT / "docs/results/sande.md")
+    p.add_argument("--table", type=Path, default=None,
+                   help="markdown table to write (default: RUNS/table.md; docs/results/sande.md is hand-edited)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     bad = [o for o in a.overrides if o.startswith("method.")] + [o for o in a.sande_set if not o.startswith("method.")]
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
                     print(f"# {arch} {attack} {target} s{seed}: {time.perf_counter() - t0:.0f}s", flush=True)
     md = table(rows)
     print(md)
+    a.table = a.table or a.runs / "table.md"
     a.table.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/lab_sande.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = a.config.relative_to(ROOT) if a.config.is_relative_to(ROOT) else a.config
