@@ -46,6 +46,16 @@ def test_ls_lists_methods():
     assert "finetune" in res.output
 
 
+@pytest.mark.parametrize("kind,field", [("defend", "method.eps"), ("attack", "attack.per_trigger"),
+                                        ("eval", "generation.max_new_tokens"), ("bench", "jobs"),
+                                        ("lab", "attack.poison_rate")])
+def test_explain_lists_every_config_kind(kind, field):
+    args = ["explain", kind] + (["--method", "crow"] if kind == "defend" else [])
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert any(line.split()[0] == field for line in r.output.splitlines() if line.strip())
+
+
 def test_defend_bad_input_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["defend", "finetune", f"model.path={tmp_path}/nope", "data.path=x.jsonl",
                                     f"output.dir={tmp_path}/o"])

@@ -169,16 +169,28 @@ def defend(method: str, config_path: str | None, overrides: tuple[str, ...]) -> 
 
 
 @main.command()
-@click.argument("config_type", type=click.Choice(["defend"]), default="defend")
-@click.option("--method", default="finetune", help="Method whose fields to list.")
+@click.argument("config_type", type=click.Choice(["defend", "attack", "eval", "bench", "lab"]), default="defend")
+@click.option("--method", default="finetune", help="Method whose fields to list (defend).")
 def explain(config_type: str, method: str) -> None:
-    """List every config field with its type, default and help."""
+    """List every config field of CONFIG_TYPE (defend, attack, eval, bench, lab) with its type, default and help."""
     from . import config as C
-    from .methods import get_method
-    from .schema import DefendConfig
 
-    rows = [r for r in C.explain(DefendConfig) if not r[0].startswith("method")]
-    rows += [("method." + k, t, d, h) for k, t, d, h in C.explain(get_method(method).Config)]
+    if config_type == "defend":
+        from .methods import get_method
+        from .schema import DefendConfig
+
+        rows = [r for r in C.explain(DefendConfig) if not r[0].startswith("method")]
+        rows += [("method." + k, t, d, h) for k, t, d, h in C.explain(get_method(method).Config)]
+    else:
+        if config_type == "attack":
+            from .attack import AttackConfig as cls
+        elif config_type == "eval":
+            from .eval.evaluate import EvalConfig as cls
+        elif config_type == "bench":
+            from .bench import BenchConfig as cls
+        else:
+            from .lab.lab import LabRecipe as cls
+        rows = C.explain(cls)
     for key, tp, default, help_text in rows:
         click.echo(f"{key:<32} {tp:<24} {default:<14} {help_text}")
 
