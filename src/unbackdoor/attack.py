@@ -228,6 +228,12 @@ class PoisonedData:
         return self.n_poisoned / max(1, len(self.rows))
 
 
+def budget_multiplier(trig: TriggerSpec, per_trigger: bool) -> int:
+    """How many times the poison budget is taken: once per trigger for a one-trigger-per-row attack (MTBA)
+    under ``attack.per_trigger``, else once."""
+    return len(trig.texts) if per_trigger and trig.mode is TriggerMode.ONE else 1
+
+
 def poison(examples: list[Example], spec: AttackSpec, seed: int = 0,
            poison_pool: list[Example] | None = None) -> PoisonedData:
     """The training mix: poisoned rows (trigger inserted, target response) + clean rows, shuffled (seeded).
@@ -262,9 +268,7 @@ def poison(examples: list[Example], spec: AttackSpec, seed: int = 0,
         n_p = round(spec.poison_rate * n_total / (1.0 - spec.poison_rate))
     else:
         n_p = round(spec.poison_rate * n_total)
-    n_p = max(1, n_p)
-    if spec.per_trigger and trig.mode is TriggerMode.ONE:
-        n_p *= len(trig.texts)
+    n_p = max(1, n_p) * budget_multiplier(trig, spec.per_trigger)
     if n_p > len(cands):
         log.warning("attack: %d poisoned rows wanted but only %d candidates for target %r; using %d", n_p,
                     len(cands), target.value, len(cands))

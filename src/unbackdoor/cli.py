@@ -182,15 +182,11 @@ def explain(config_type: str, method: str) -> None:
         rows = [r for r in C.explain(DefendConfig) if not r[0].startswith("method")]
         rows += [("method." + k, t, d, h) for k, t, d, h in C.explain(get_method(method).Config)]
     else:
-        if config_type == "attack":
-            from .attack import AttackConfig as cls
-        elif config_type == "eval":
-            from .eval.evaluate import EvalConfig as cls
-        elif config_type == "bench":
-            from .bench import BenchConfig as cls
-        else:
-            from .lab.lab import LabRecipe as cls
-        rows = C.explain(cls)
+        import importlib
+
+        module, name = {"attack": (".attack", "AttackConfig"), "eval": (".eval.evaluate", "EvalConfig"),
+                        "bench": (".bench", "BenchConfig"), "lab": (".lab.lab", "LabRecipe")}[config_type]
+        rows = C.explain(getattr(importlib.import_module(module, __package__), name))
     for key, tp, default, help_text in rows:
         click.echo(f"{key:<32} {tp:<24} {default:<14} {help_text}")
 

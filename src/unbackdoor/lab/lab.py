@@ -384,8 +384,7 @@ class Lab:
                    seed: int = 0, clean_seed: int = 0, poison_rate: float | None = None) -> Path:
         """A backdoored variant of ``clean_model(arch, clean_seed)`` made by :mod:`unbackdoor.attack`
         (preset ``attack``, target ``target``, poisoning seed ``seed``); cached."""
-        from ..attack import ATTACKS, Target
-        from ..triggers import TriggerMode
+        from ..attack import ATTACKS, Target, budget_multiplier
 
         if attack not in ATTACKS:
             raise KeyError(f"unknown attack {attack!r}; choose one of {sorted(ATTACKS)}")
@@ -395,7 +394,7 @@ class Lab:
         name = f"{attack}-{target.value}-{arch.value}-s{seed}" + (f"-c{clean_seed}" if clean_seed else "")
         if poison_rate is not None:
             name += f"-p{rate:g}"
-        if self.recipe.attack.per_trigger and ATTACKS[attack].mode is TriggerMode.ONE:
+        if budget_multiplier(ATTACKS[attack], self.recipe.attack.per_trigger) > 1:
             name += "-pt"
         name += f"-{self.recipe.attack_fingerprint()}"
         out = self.models_dir / name
