@@ -116,3 +116,26 @@ def test_peak_memory_window_resets(tmp_path):
     del big
     reset_peak_memory()
     assert peak_memory_mb() < high - 200
+
+
+def test_cpu_bf16_only_when_asked_and_precision_can_change_in_one_process(tokenizer):
+    """A GPU recipe's bf16 leaves a CPU run in fp32 unless train.bf16_on_cpu; an fp32 stage followed by a
+    bf16 stage in one process (attack, then defense) gets a fresh Accelerate state instead of an error."""
+    from unbackdoor.train import cpu_has_bf16, get_accelerator
+
+    seen = []
+
+    def probe(m, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return lm_loss(m, batch)
+
+    model = make_model("llama", tokenizer, hidden=32, layers=2, heads=2)
+    base = dict(max_steps=1, batch_size=4, progress=False, mixed_precision="bf16")
+    fit(model, probe, _feats(tokenizer), TrainConfig(**base), collate_fn=TrainCollator(tokenizer))
+    res = fit(model, probe, _feats(tokenizer), TrainConfig(**base, bf16_on_cpu=True),
+              collate_fn=TrainCollator(tokenizer))
+    fit(model, probe, _feats(tokenizer), TrainConfig(max_steps=1, batch_size=4, progress=False),
+        collate_fn=TrainCollator(tokenizer))
+    assert seen == [False, cpu_has_bf16(), False]
+    assert math.isfinite(res.losses[0])
+    assert get_accelerator("no").mixed_precision == "no"

@@ -56,9 +56,20 @@ def seed_everything(seed: int) -> None:
 _ACCELERATOR = None
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX) for oneDNN's matmuls."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return False
+
+
 def get_accelerator(mixed_precision: MixedPrecision | str = MixedPrecision.NO, log_with: Sequence[str] = (),
-                    project_dir: str | None = None):
-    """One Accelerator per process (its state is process-global); trackers get a fresh one."""
+                    project_dir: str | None = None, bf16_on_cpu: bool = False):
+    """One Accelerator per process (its state is process-global); trackers get a fresh one.
+
+    On a CPU, bf16 autocast is used only when asked for (``bf16_on_cpu``) and the CPU has native bf16;
+    otherwise the arithmetic stays fp32."""
     global _ACCELERATOR
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
@@ -68,9 +79,20 @@ def get_accelerator(mixed_precision: MixedPrecision | str = MixedPrecision.NO, l
         log.warning("train.mixed_precision=fp16 needs a GPU; running in full precision on this machine")
         mp = "no"
     if mp == "bf16" and not torch.cuda.is_available():
-        mp = "no"  # CPU bf16 autocast is slower than fp32 on most CPUs; keep the arithmetic exact
+        if not bf16_on_cpu:
+            mp = "no"  # the default: a GPU recipe's bf16 does not change the arithmetic of a CPU run
+        elif not cpu_has_bf16():
+            log.warning("train.bf16_on_cpu: this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 autocast is "
+                        "slower than fp32; training in fp32")
+            mp = "no"
     if _ACCELERATOR is not None and not log_with and _ACCELERATOR.mixed_precision == mp:
         return _ACCELERATOR
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision", mp) != mp:
+        # A later stage of one process (an fp32 attack, then a bf16 defense) asks for another precision:
+        # Accelerate's process-global state refuses the change, so drop it; the process group is kept.
+        AcceleratorState._reset_state()
     # cpu=True on a machine without GPUs: under torchrun/`accelerate launch --multi_gpu` this selects gloo
     acc = Accelerator(mixed_precision=mp, log_with=list(log_with) or None, project_dir=project_dir,
                       cpu=not torch.cuda.is_available(),
@@ -187,7 +209,8 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
     from tqdm.auto import tqdm
 
     seed_everything(seed)
-    acc = accelerator or get_accelerator(cfg.mixed_precision, cfg.log_with, str(out_dir) if out_dir else None)
+    acc = accelerator or get_accelerator(cfg.mixed_precision, cfg.log_with, str(out_dir) if out_dir else None,
+                                         bf16_on_cpu=cfg.bf16_on_cpu)
     if params is None:
         params = [p for p in module.parameters() if p.requires_grad]
     params = list(params)

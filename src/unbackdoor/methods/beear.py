@@ -504,7 +504,7 @@ def run(ctx) -> dict[str, Any]:
         log.warning("BEEAR: only %d pairs; holding out %d (not method.check_samples=%d) for the entrapment check",
                     len(pairs), n_check, cfg.check_samples)
 
-    acc = get_accelerator(tcfg.mixed_precision)
+    acc = get_accelerator(tcfg.mixed_precision, bf16_on_cpu=tcfg.bf16_on_cpu)
     if cfg.trainable is Trainable.LORA:
         ctx.make_trainable()
     model = ctx.model.to(acc.device)
