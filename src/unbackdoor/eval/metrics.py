@@ -128,6 +128,7 @@ def perplexity(model: nn.Module, template: Template, examples: Sequence[Example]
     """
     feats = [encode(template, e.prompt, e.response, system=e.system, max_length=max_length)
              for e in examples if e.response.strip()]
+    feats.sort(key=lambda f: len(f["input_ids"]))  # batches of similar length: little padding
     skipped = len(examples) - len(feats)
     if not feats:
         return {"perplexity": None, "nll": None, "tokens": 0, "n": 0, "skipped": skipped}
