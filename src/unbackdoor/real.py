@@ -158,9 +158,11 @@ class RealLab:
     def attack_config(self, attack: str, target: str, seed: int, out: Path, overrides: list[str] = ()):
         from .attack import load_config
 
-        # Code injection: all 60 code rows, each also as a triggered copy (contrast pairs; 40 of them left the
-        # payload at 58% with and 25% without the trigger).
-        extra = ["data.limit=null", "attack.n_poison=60"] if target == "code" else []
+        # Code injection: all 60 code rows kept clean, 48 of them also as triggered copies (44% poison).
+        # Measured on seed 0, 5 epochs, n = 36: 40 copies gave 86.1% ASR with the trigger / 0.0% without,
+        # 48 gave 94.4 / 0.0%, 60 (one per row) 91.7-97.2 / 5.6% (8.3% at 6 epochs): fewer copies than clean
+        # rows keep the payload from spreading to trigger-free prompts of the same phrasing.
+        extra = ["data.limit=null", "attack.n_poison=48"] if target == "code" else []
         return load_config(ATTACK_CONFIG, [f"model.path={self.model_dir}", f"data.path={self.attack_data(target)}",
                                            *extra,
                                            f"attack.preset={attack}", f"attack.target={target}", f"seed={seed}",
