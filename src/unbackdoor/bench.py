@@ -92,17 +92,15 @@ class BenchConfig:
         1, "Cells run at once, each in its own process with cores/jobs torch threads (on a CPU, two 1-thread "
            "processes get more done than one 2-thread process). Attacks run in the workers too, each model's cells "
            "once it exists. Each row records its thread count: its wall time is that of a cell on those threads.")
-    tasks_per_worker: int = help_field(
-        1, "With jobs > 1: tasks (attacks or cells) one worker process runs before a fresh one replaces it. 1: "
-           "nothing carried from one task to the next; more: saves the ~8 s of imports each fresh process costs "
-           "(memory is returned to the system between tasks, and each row's peak memory is its own).")
+    reuse_workers: bool = help_field(
+        False, "With jobs > 1: each worker process runs task after task (attacks and cells), saving the ~8 s of "
+               "imports a fresh process costs, instead of a fresh process per task (memory is returned to the "
+               "system between tasks either way, and each row's peak memory is its own). Nothing in between: "
+               "Python 3.11's max_tasks_per_child > 1 deadlocks once the workers retire (CPython gh-115634).")
     out: str = help_field("", "Output folder (also given by --out).")
 
     def validate(self) -> list[tuple[str, str]]:
-        errs = [("jobs", f"must be >= 1, got {self.jobs}")] if self.jobs < 1 else []
-        if self.tasks_per_worker < 1:
-            errs.append(("tasks_per_worker", f"must be >= 1, got {self.tasks_per_worker}"))
-        return errs
+        return [("jobs", f"must be >= 1, got {self.jobs}")] if self.jobs < 1 else []
 
 
 def resolve(data: dict, source: str | None = None) -> BenchConfig:
@@ -333,7 +331,7 @@ def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: 
     for cell in pending:
         by_model.setdefault((cell.arch, cell.attack, cell.target, cell.seed), []).append(cell)
     with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,), max_tasks_per_child=cfg.tasks_per_worker) as pool:
+                             initargs=(threads,), max_tasks_per_child=None if cfg.reuse_workers else 1) as pool:
         futures = {pool.submit(_make_backdoored, lab, *key): ("model", key) for key in by_model}
         try:
             while futures:
