@@ -94,8 +94,9 @@ class BenchConfig:
            "once it exists. Each row records its thread count: its wall time is that of a cell on those threads.")
     reuse_workers: bool = help_field(
         False, "With jobs > 1: each worker process runs task after task (attacks and cells), saving the ~8 s of "
-               "imports a fresh process costs, instead of a fresh process per task (memory is returned to the "
-               "system between tasks either way, and each row's peak memory is its own). Nothing in between: "
+               "imports a fresh process costs, instead of a fresh process per task. Freed memory is returned to the "
+               "system between tasks, but a row's peak memory then also counts what the worker kept from "
+               "earlier tasks (~3 GB for SmolLM2): for per-method memory use fresh processes. Nothing in between: "
                "Python 3.11's max_tasks_per_child > 1 deadlocks once the workers retire (CPython gh-115634).")
     out: str = help_field("", "Output folder (also given by --out).")
 
@@ -501,27 +502,43 @@ def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
     paths = []
     defenses = sorted({a["defense"] for a in agg})
     colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(defenses)}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for d in defenses:
-        pts = [a for a in agg if a["defense"] == d]
-        ax.errorbar([100 * a["benign_accuracy"] for a in pts], [100 * a["asr_with_trigger"] for a in pts],
-                    xerr=[100 * a["benign_accuracy_ci"] for a in pts], yerr=[100 * a["asr_with_trigger_ci"] for a in pts],
-                    fmt="o", color=colors[d], label=d, capsize=3, alpha=0.85)
-    # name the points (several defenses can land on the same spot, e.g. 0% ASR at equal accuracy)
-    spots: dict[tuple[float, float], list[str]] = {}
-    for a in agg:
-        if a["benign_accuracy"] == a["benign_accuracy"] and a["asr_with_trigger"] == a["asr_with_trigger"]:
-            key = (round(100 * a["benign_accuracy"], 1), round(100 * a["asr_with_trigger"], 1))
-            spots.setdefault(key, []).append(a["defense"] if len(targets_of(agg)) == 1 else
-                                             f"{a['defense']} ({a['attack']}->{a['target']})")
-    for (x, y), names in spots.items():
-        ax.annotate(", ".join(sorted(set(names))), (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
-    ax.set_xlabel("benign task accuracy (%)  →  better")
-    ax.set_ylabel("ASR with trigger (%)  ↓  better")
-    ax.set_title("Backdoor removal vs utility (mean ± 95% CI over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    # One panel per attack -> target, utility on x: answer F1 where the references are the model's own
+    # answers (exact agreement falls to ~0 after any fine-tuning there), benign accuracy otherwise.
+    def ok(v):
+        return v is not None and v == v
+
+    use_f1 = any(ok(a.get("answer_f1")) for a in agg) and all(
+        ok(a.get("answer_f1")) for a in agg if ok(a.get("benign_accuracy")))
+    xkey, xlabel = (("answer_f1", "answer F1 vs references (%)  →  better") if use_f1 else
+                    ("benign_accuracy", "benign task accuracy (%)  →  better"))
+    pairs = sorted({(a["attack"], a["target"]) for a in agg})
+    ncol = min(3, len(pairs))
+    nrow = -(-len(pairs) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 1.6, 3.8 * nrow), squeeze=False)
+    for ax, (atk, tgt) in zip(axes.flat, pairs):
+        pts = [a for a in agg if (a["attack"], a["target"]) == (atk, tgt) and ok(a.get(xkey))
+               and ok(a["asr_with_trigger"])]
+        spots: dict[tuple[float, float], list[str]] = {}
+        for a in pts:
+            xerr = 100 * a["benign_accuracy_ci"] if xkey == "benign_accuracy" else 0.0
+            ax.errorbar([100 * a[xkey]], [100 * a["asr_with_trigger"]], xerr=[xerr],
+                        yerr=[100 * a["asr_with_trigger_ci"]], fmt="o", color=colors[a["defense"]],
+                        label=a["defense"], capsize=3, alpha=0.85)
+            spots.setdefault((round(100 * a[xkey]), round(100 * a["asr_with_trigger"])), []).append(a["defense"])
+        for (x, y), names in spots.items():  # several defenses can land on one spot (0% ASR at equal utility)
+            ax.annotate(", ".join(sorted(set(names))), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_title(f"{atk} -> {tgt}", fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("ASR with trigger (%)  ↓  better", fontsize=8)
+        ax.set_xlim(-5, 110)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[d], label=d) for d in defenses]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle("Backdoor removal vs utility (mean ± 95% CI over seeds)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (4.2 * ncol + 1.6), 1))
     p = out / "asr_vs_accuracy.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
