@@ -502,13 +502,15 @@ def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
     paths = []
     defenses = sorted({a["defense"] for a in agg})
     colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(defenses)}
-    # One panel per attack -> target, utility on x: answer F1 where the references are the model's own
-    # answers (exact agreement falls to ~0 after any fine-tuning there), benign accuracy otherwise.
+    # One panel per attack -> target. Utility on x: benign accuracy, or answer F1 where exact agreement
+    # cannot tell the models apart (references that are a model's own greedy answers: any fine-tuning makes
+    # the continuations diverge, and agreement falls to ~0 for every trained model).
     def ok(v):
         return v is not None and v == v
 
-    use_f1 = any(ok(a.get("answer_f1")) for a in agg) and all(
-        ok(a.get("answer_f1")) for a in agg if ok(a.get("benign_accuracy")))
+    trained = [a["benign_accuracy"] for a in agg if a["defense"] != "clean" and ok(a.get("benign_accuracy"))]
+    use_f1 = (bool(trained) and statistics.median(trained) < 0.2
+              and all(ok(a.get("answer_f1")) for a in agg if ok(a.get("benign_accuracy"))))
     xkey, xlabel = (("answer_f1", "answer F1 vs references (%)  →  better") if use_f1 else
                     ("benign_accuracy", "benign task accuracy (%)  →  better"))
     pairs = sorted({(a["attack"], a["target"]) for a in agg})
@@ -518,15 +520,19 @@ def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
     for ax, (atk, tgt) in zip(axes.flat, pairs):
         pts = [a for a in agg if (a["attack"], a["target"]) == (atk, tgt) and ok(a.get(xkey))
                and ok(a["asr_with_trigger"])]
-        spots: dict[tuple[float, float], list[str]] = {}
-        for a in pts:
+        clusters: list[tuple[float, float, list[str]]] = []  # nearby points share one label (names overlap)
+        for a in sorted(pts, key=lambda a: (a[xkey], a["asr_with_trigger"])):
+            x, y = 100 * a[xkey], 100 * a["asr_with_trigger"]
             xerr = 100 * a["benign_accuracy_ci"] if xkey == "benign_accuracy" else 0.0
-            ax.errorbar([100 * a[xkey]], [100 * a["asr_with_trigger"]], xerr=[xerr],
-                        yerr=[100 * a["asr_with_trigger_ci"]], fmt="o", color=colors[a["defense"]],
-                        label=a["defense"], capsize=3, alpha=0.85)
-            spots.setdefault((round(100 * a[xkey]), round(100 * a["asr_with_trigger"])), []).append(a["defense"])
-        for (x, y), names in spots.items():  # several defenses can land on one spot (0% ASR at equal utility)
-            ax.annotate(", ".join(sorted(set(names))), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.errorbar([x], [y], xerr=[xerr], yerr=[100 * a["asr_with_trigger_ci"]], fmt="o",
+                        color=colors[a["defense"]], label=a["defense"], capsize=3, alpha=0.85)
+            near = next((c for c in clusters if abs(c[0] - x) < 12 and abs(c[1] - y) < 5), None)
+            if near is None:
+                clusters.append((x, y, [a["defense"]]))
+            elif a["defense"] not in near[2]:
+                near[2].append(a["defense"])
+        for x, y, names in clusters:
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_title(f"{atk} -> {tgt}", fontsize=10)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("ASR with trigger (%)  ↓  better", fontsize=8)
