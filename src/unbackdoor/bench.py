@@ -292,27 +292,26 @@ def _release_memory() -> None:
 
 
 def _make_backdoored(lab, arch: str, attack: str, target: str, seed: int) -> str:
-    try:
-        return str(lab.backdoored(arch, attack=attack, target=target, seed=seed))
-    finally:
-        _release_memory()
+    return str(lab.backdoored(arch, attack=attack, target=target, seed=seed))
 
 
-def _run_task(cell_runner: Callable[..., dict], *args) -> dict:
+def _run_task(fn: Callable, *args):
+    """One worker task (an attack or a cell), its freed memory handed back afterwards."""
     try:
-        return cell_runner(*args)
+        return fn(*args)
     finally:
         _release_memory()
 
 
 #: Cells of one model start heaviest first (trained defenses, then evaluation-only cells), so that the last
 #: tasks of a parallel run are short and no worker idles long at the end.
-_COST_RANK = {"beear": 0, "crow": 1, "sande": 2, "osft": 3, "finetune": 3, "prune": 5}
+#: Defenses not named (a user's own method) rank 4, between the trained ones and pruning.
+_COST_RANK = {"beear": 0, "crow": 1, "sande": 2, "osft": 3, "finetune": 3, "prune": 5,
+              "none": 6, "clean": 6, "quantize": 6}
 
 
 def _heavy_first(cells: list[Cell]) -> list[Cell]:
-    return sorted(cells, key=lambda c: _COST_RANK.get(c.defense, 4 if c.defense not in ("none", "clean", "quantize")
-                                                      else 6))
+    return sorted(cells, key=lambda c: _COST_RANK.get(c.defense, 4))
 
 
 def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: list[Cell],
@@ -333,7 +332,7 @@ def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: 
         by_model.setdefault((cell.arch, cell.attack, cell.target, cell.seed), []).append(cell)
     with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,), max_tasks_per_child=None if cfg.reuse_workers else 1) as pool:
-        futures = {pool.submit(_make_backdoored, lab, *key): ("model", key) for key in by_model}
+        futures = {pool.submit(_run_task, _make_backdoored, lab, *key): ("model", key) for key in by_model}
         try:
             while futures:
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -513,7 +512,7 @@ def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
               and all(ok(a.get("answer_f1")) for a in agg if ok(a.get("benign_accuracy"))))
     xkey, xlabel = (("answer_f1", "answer F1 vs references (%)  →  better") if use_f1 else
                     ("benign_accuracy", "benign task accuracy (%)  →  better"))
-    pairs = sorted({(a["attack"], a["target"]) for a in agg})
+    pairs = sorted(targets_of(agg))
     ncol = min(3, len(pairs))
     nrow = -(-len(pairs) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 1.6, 3.8 * nrow), squeeze=False)
