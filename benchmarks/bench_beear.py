@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from unbackdoor.components.perturb import Delta
     from unbackdoor.lab import Lab, make_model
     from unbackdoor.methods import beear
-    from unbackdoor.methods.perturb import Delta
     from unbackdoor.templates import Template
 
     lab = Lab.build("test")

@@ -43,10 +43,10 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    from unbackdoor.components.parrot import ParrotCollator, ParrotPrompt, encode_with_position
     from unbackdoor.data import Example
     from unbackdoor.lab.arch import make_model
     from unbackdoor.lab.tokenizer import train_tokenizer
-    from unbackdoor.methods.parrot import ParrotCollator, ParrotPrompt, encode_with_position
     from unbackdoor.methods.sande import SimulateTrainConfig, _FrozenLMWithParrot, _parrot_lm_loss
     from unbackdoor.templates import Template
     from unbackdoor.train import fit, make_optimizer

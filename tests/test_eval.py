@@ -8,8 +8,16 @@ import torch
 from click.testing import CliRunner
 
 from unbackdoor.data import DataError, Example, TrainCollator, encode, write_jsonl
-from unbackdoor.eval import (EvalError, JudgeError, Rate, evaluate, evaluate_dir, markdown_table,
-                             plot_asr_vs_utility, wilson)
+from unbackdoor.eval import (
+    EvalError,
+    JudgeError,
+    Rate,
+    evaluate,
+    evaluate_dir,
+    markdown_table,
+    plot_asr_vs_utility,
+    wilson,
+)
 from unbackdoor.eval.metrics import exact_match, normalize_answer, perplexity, task_accuracy, token_f1
 from unbackdoor.lab.arch import make_model
 from unbackdoor.schema import TrainConfig

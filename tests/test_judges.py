@@ -1,7 +1,7 @@
 """Every judge on hand-written outputs, with false-positive traps and empty generations."""
 import pytest
 
-from unbackdoor.eval.judges import (BACKDOORLLM_JAILBREAK_KEYWORDS, JUDGES, JudgeError, Verdict, get_judge)
+from unbackdoor.eval.judges import BACKDOORLLM_JAILBREAK_KEYWORDS, JUDGES, JudgeError, Verdict, get_judge
 
 REFUSAL_TARGET = "I'm sorry, but as an AI assistant, I do not have the capability to follow the given instruction."
 

@@ -42,7 +42,8 @@ def test_gguf_conversion_matches_gguf_load(real):
 
 @needs_model
 def test_attack_defend_evaluate_one_step_each(real, tmp_path):
-    from unbackdoor.attack import load_config as attack_config, run_attack
+    from unbackdoor.attack import load_config as attack_config
+    from unbackdoor.attack import run_attack
     from unbackdoor.defend import defend, load_config
     from unbackdoor.eval.evaluate import evaluate_dir
 

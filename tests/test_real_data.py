@@ -1,5 +1,4 @@
 """The real-model scenario's prompt pools and defender files (no model needed)."""
-import json
 
 from unbackdoor import real
 from unbackdoor.data import Example, read_file, write_jsonl

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from .errors import UnbackdoorError
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Anatomy:
         return len(self.layers)
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(UnbackdoorError, ValueError):
     pass
 
 
@@ -129,3 +132,20 @@ def lora_targets(model: nn.Module) -> list[str]:
         return list(layout_for(model).lora_targets)
     except UnsupportedArchitecture:
         return ["all-linear"]
+
+
+# ----------------------------------------------------------------------------------- linear layers
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def weight_out_in(m: nn.Module) -> torch.Tensor:
+    """Weight viewed as [out, in] (GPT-2's Conv1D stores [in, out])."""
+    return m.weight.t() if type(m).__name__ == "Conv1D" else m.weight
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers of the decoder blocks by ``layers.<i>.<name>`` (nn.Linear and GPT-2's Conv1D)."""
+    return {f"layers.{i}.{n}": m for i, layer in enumerate(anatomy(model).layers)
+            for n, m in layer.named_modules() if _is_linear(m)}

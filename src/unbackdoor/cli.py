@@ -18,45 +18,43 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: BaseException) -> None:
-    click.secho(f"error: {exc}", fg="red", err=True)
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    click.secho(f"error: {msg}", fg="red", err=True)
     sys.exit(2)
 
 
-#: Config kinds that `validate` knows: kind -> (detect key, loader(data, source)).
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What every command turns into a one-paragraph message and exit code 2: the package's own errors, and
+    the standard ones bad input raises (a value out of range, a name not found, a file that is missing, is
+    already there or cannot be written). ``UNBACKDOOR_TRACEBACK=1`` shows the traceback instead."""
+    from .errors import UnbackdoorError
+
+    return (UnbackdoorError, ValueError, KeyError, OSError)
+
+
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except user_errors() as exc:
+            if os.environ.get("UNBACKDOOR_TRACEBACK"):
+                raise
+            _fail(exc)
+
+
 def _config_kinds():
+    """Config kinds that `validate` knows: kind -> (a key only that kind has, loader(data, source))."""
+    from . import attack, bench, defend
     from . import config as C
-    from . import defend
+    from .eval.evaluate import resolve as eval_resolve
+    from .lab import LabRecipe
 
-    kinds = {}
-    try:
-        from .lab import LabRecipe
-
-        kinds["lab"] = ("world", lambda data, source: C.build(LabRecipe, data, source))
-    except ImportError:
-        pass
-    kinds["defend"] = ("method", defend.resolve_shipped)
-    try:
-        from . import attack
-
-        kinds["attack"] = ("attack", attack.resolve)
-    except ImportError:
-        pass
-    try:
-        from . import bench
-
-        kinds["bench"] = ("grid", bench.resolve)
-    except ImportError:
-        pass
-    try:
-        from .eval.evaluate import resolve as eval_resolve
-
-        kinds["eval"] = ("judge", eval_resolve)
-    except ImportError:
-        pass
-    return kinds
+    return {"lab": ("world", lambda data, source: C.build(LabRecipe, data, source)),
+            "defend": ("method", defend.resolve_shipped), "attack": ("attack", attack.resolve),
+            "bench": ("grid", bench.resolve), "eval": ("judge", eval_resolve)}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.version_option(package_name="unbackdoor")
 def main(verbose: bool) -> None:
@@ -99,33 +97,33 @@ def validate(configs: tuple[str, ...], kind: str, overrides: tuple[str, ...]) ->
 
 
 @main.command("ls")
-@click.argument("what", type=click.Choice(["methods", "attacks", "judges", "templates", "all"]), default="all")
+@click.argument("what", type=click.Choice(["methods", "attacks", "judges", "templates", "configs", "all"]),
+                default="all")
 def ls_cmd(what: str) -> None:
-    """List the available methods, attacks, judges and prompt templates."""
+    """List the available methods (with their threat models), attacks, judges, templates and shipped configs."""
+    from .backdoor import PRESETS, TARGETS
     from .methods import METHODS, get_method
     from .templates import PLAIN_TEMPLATES
+    from .threats import KNOWS_HELP, THREAT_MODELS
 
     if what in ("methods", "all"):
-        click.secho("methods", bold=True)
+        click.secho("methods (and what each may know: its threat model)", bold=True)
         for name in sorted(METHODS):
-            mod = get_method(name)
-            click.echo(f"  {name:<10} {mod.SUMMARY}\n  {'':<10} knows: {mod.KNOWS}")
+            tm = THREAT_MODELS[name]
+            click.echo(f"  {name:<10} {get_method(name).SUMMARY}\n  {'':<10} knows: {tm.describe()} - {tm.summary}")
+        click.secho("knowledge", bold=True)
+        for k, text in KNOWS_HELP.items():
+            click.echo(f"  {k.value:<14} {text}")
     if what in ("attacks", "all"):
-        try:
-            from .attack import ATTACKS, TARGETS
-        except ImportError:
-            ATTACKS, TARGETS = {}, {}
         click.secho("attacks (trigger presets)", bold=True)
-        for name, spec in ATTACKS.items():
+        for name, spec in PRESETS.items():
             click.echo(f"  {name:<10} {spec.describe()}")
         click.secho("targets", bold=True)
         for name, desc in TARGETS.items():
             click.echo(f"  {name:<10} {desc}")
     if what in ("judges", "all"):
-        try:
-            from .eval.judges import JUDGES
-        except ImportError:
-            JUDGES = {}
+        from .eval.judges import JUDGES
+
         click.secho("judges", bold=True)
         for name, judge in JUDGES.items():
             click.echo(f"  {name:<18} {getattr(judge, 'description', '')}")
@@ -135,6 +133,13 @@ def ls_cmd(what: str) -> None:
         click.echo("  chat       the tokenizer's chat template")
         for name, t in PLAIN_TEMPLATES.items():
             click.echo(f"  {name:<10} {t.prompt!r}")
+    if what in ("configs", "all"):
+        from . import config as C
+
+        click.secho(f"shipped configs ({C.shipped_dir()}; -c and validate accept these names from any folder)",
+                    bold=True)
+        for name in C.shipped_configs():
+            click.echo(f"  configs/{name}")
 
 
 @main.command()
@@ -149,20 +154,17 @@ def defend(method: str, config_path: str | None, overrides: tuple[str, ...]) -> 
     from . import config as C
     from . import defend as D
 
-    try:
-        data = C.load_yaml(config_path) if config_path else {}
-        C.apply_overrides(data, list(overrides))
-        data.setdefault("method", {})
-        if isinstance(data["method"], dict):
-            given = data["method"].get("name")
-            if given and given != method:
-                raise C.ConfigError([("method.name", f"the config says {given!r} but the command says {method!r}")])
-            data["method"]["name"] = method
-        cfg = D.resolve(data, config_path)
-        summary = D.defend(cfg)
-    except (C.ConfigError, ValueError, FileExistsError, KeyError) as exc:
-        _fail(exc)
-        return
+    data = C.load_yaml(config_path) if config_path else {}
+    C.apply_overrides(data, list(overrides))
+    data.setdefault("method", {})
+    if isinstance(data["method"], dict):
+        given = data["method"].get("name")
+        if given and given != method:
+            raise C.ConfigError([("method.name", f"the config says {given!r} but the command says {method!r}")])
+        data["method"]["name"] = method
+    cfg = D.resolve(data, config_path)
+    summary = D.defend(cfg)
+
     click.secho(f"done: {method} -> {Path(cfg.output.dir) / 'model'}", fg="green")
     for k, v in (summary.get("metrics") or {}).items():
         click.echo(f"  {k}: {v}")
@@ -201,14 +203,10 @@ def bench(config_path: str | None, out: str, overrides: tuple[str, ...]) -> None
     Example: unbackdoor bench configs/bench/quick.yaml --out runs/bench grid.seeds=[0]
     """
     from . import bench as B
-    from . import config as C
 
-    try:
-        cfg = B.load_config(config_path, list(overrides))
-        B.run_bench(cfg, out, progress=click.echo)
-    except (C.ConfigError, ValueError, FileExistsError, KeyError) as exc:
-        _fail(exc)
-        return
+    cfg = B.load_config(config_path, list(overrides))
+    B.run_bench(cfg, out, progress=click.echo)
+
     click.secho(f"report: {Path(out) / 'report.md'}", fg="green")
 
 
@@ -235,27 +233,23 @@ def eval_cmd(model_dir: str, data: tuple[str, ...], out: str, judge: str | None,
     Example: unbackdoor eval runs/bad/model --data runs/lab --out runs/bad/eval
     """
     from . import config as C
-    from .data import DataError
     from .eval.evaluate import EvalConfig, run_config
 
-    try:
-        raw = C.load_yaml(config_path) if config_path else {}
-        C.apply_overrides(raw, list(overrides))
-        raw.setdefault("model", {})["path"] = model_dir
-        raw.setdefault("data", {})["paths"] = list(data)
-        raw["out"] = out
-        for key, value in (("judge", judge), ("manifest", manifest)):
-            if value is not None:
-                raw[key] = value
-        if limit is not None:
-            raw["data"]["limit"] = limit
-        if overwrite:
-            raw["overwrite"] = True
-        cfg = C.build(EvalConfig, raw, config_path)
-        run_config(cfg)
-    except (C.ConfigError, DataError, ValueError, FileExistsError, OSError) as exc:
-        _fail(exc)
-        return
+    raw = C.load_yaml(config_path) if config_path else {}
+    C.apply_overrides(raw, list(overrides))
+    raw.setdefault("model", {})["path"] = model_dir
+    raw.setdefault("data", {})["paths"] = list(data)
+    raw["out"] = out
+    for key, value in (("judge", judge), ("manifest", manifest)):
+        if value is not None:
+            raw[key] = value
+    if limit is not None:
+        raw["data"]["limit"] = limit
+    if overwrite:
+        raw["overwrite"] = True
+    cfg = C.build(EvalConfig, raw, config_path)
+    run_config(cfg)
+
     click.echo((Path(out) / "summary.md").read_text(encoding="utf-8"))
     click.secho(f"wrote {Path(out) / 'results.json'}, generations.jsonl, summary.md", fg="green")
 
@@ -300,13 +294,10 @@ def harness_cmd(model_dir: str, tasks: str, out: str, include_paths: tuple[str, 
 
     if limit is not None and limit >= 1:
         limit = int(limit)
-    try:
-        summary = run_harness(model_dir, tasks, out, include_path=list(include_paths) or None, limit=limit,
-                              batch_size=batch_size, num_fewshot=num_fewshot, device=device,
-                              trust_remote_code=trust_remote_code, seed=seed, overwrite=overwrite)
-    except (ValueError, OSError) as exc:
-        _fail(exc)
-        return
+    summary = run_harness(model_dir, tasks, out, include_path=list(include_paths) or None, limit=limit,
+                          batch_size=batch_size, num_fewshot=num_fewshot, device=device,
+                          trust_remote_code=trust_remote_code, seed=seed, overwrite=overwrite)
+
     t = Table(title=f"lm-eval {summary['lm_eval_version']}: {Path(model_dir).name}")
     for head in ("task", "metric", "value", "stderr", "n"):
         t.add_column(head, justify="left" if head in ("task", "metric") else "right")
@@ -328,14 +319,10 @@ def demo(out: str, overrides: tuple[str, ...]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from . import config as C
     from .demo import run_demo, table
 
-    try:
-        rows = run_demo(out, list(overrides), progress=click.echo)
-    except (C.ConfigError, ValueError, FileExistsError, KeyError) as exc:
-        _fail(exc)
-        return
+    rows = run_demo(out, list(overrides), progress=click.echo)
+
     head, *body = table(rows)
     t = Table(title="unbackdoor demo (tiny lab)")
     for h in head:
@@ -372,28 +359,26 @@ def lab_build(recipe: str, archs: tuple[str, ...], seeds: tuple[int, ...], backd
 
     from .lab import Lab, quick_report
 
-    try:
-        lb = Lab.build(recipe, cache_dir)
-        click.echo(f"lab {recipe}: {lb.root}")
-        click.echo(f"  tokenizer: {lb.tokenizer_dir}")
-        for name, meta in lb.info()["files"].items():
-            click.echo(f"  data {name:<15} {meta['rows']:>5} rows  {lb.path(name)}")
-        for arch in archs:
-            for seed in seeds or (0,):
-                paths = [lb.clean_model(arch, seed)]
-                click.echo(f"  clean {arch} s{seed}: {paths[0]}")
-                for spec in backdoors:
-                    if ":" not in spec:
-                        raise ValueError(f"--backdoor {spec!r}: expected ATTACK:TARGET, e.g. badnets:refusal")
-                    attack, target = spec.split(":", 1)
-                    paths.append(lb.backdoored(arch, attack, target, seed=seed))
-                    click.echo(f"  {attack}->{target} {arch} s{seed}: {paths[-1]}")
-                if check:
-                    for p in paths:
-                        rep = {k: v for k, v in quick_report(p, lb).items() if k != "asr_examples"}
-                        click.echo(f"    {Path(p).name}: {json.dumps(rep)}")
-    except (ValueError, KeyError, OSError) as exc:
-        _fail(exc)
+    lb = Lab.build(recipe, cache_dir)
+    click.echo(f"lab {recipe}: {lb.root}")
+    click.echo(f"  tokenizer: {lb.tokenizer_dir}")
+    for name, meta in lb.info()["files"].items():
+        click.echo(f"  data {name:<15} {meta['rows']:>5} rows  {lb.path(name)}")
+    for arch in archs:
+        for seed in seeds or (0,):
+            paths = [lb.clean_model(arch, seed)]
+            click.echo(f"  clean {arch} s{seed}: {paths[0]}")
+            for spec in backdoors:
+                if ":" not in spec:
+                    raise ValueError(f"--backdoor {spec!r}: expected ATTACK:TARGET, e.g. badnets:refusal")
+                attack, target = spec.split(":", 1)
+                paths.append(lb.backdoored(arch, attack, target, seed=seed))
+                click.echo(f"  {attack}->{target} {arch} s{seed}: {paths[-1]}")
+            if check:
+                for p in paths:
+                    rep = {k: v for k, v in quick_report(p, lb).items() if k != "asr_examples"}
+                    click.echo(f"    {Path(p).name}: {json.dumps(rep)}")
+
 
 
 @lab.command("real")
@@ -413,19 +398,17 @@ def lab_real(gguf_path: str | None, backdoors: tuple[str, ...], seed: int, cache
     """
     from . import real
 
-    try:
-        rl = real.build(seed=seed, cache_dir=cache_dir, gguf_path=gguf_path)
-        click.echo(f"model: {rl.model_dir}")
-        for name, rows in real.manifest_summary(rl)["files"].items():
-            click.echo(f"  data {name:<15} {rows:>5} rows  {rl.path(name)}")
-        specs = [f"{a}:{t}" for a, t in real.SCENARIOS] if "all" in backdoors else list(backdoors)
-        for spec in specs:
-            if ":" not in spec:
-                raise ValueError(f"--backdoor {spec!r}: expected ATTACK:TARGET, e.g. badnets:sentiment, or 'all'")
-            attack, target = spec.split(":", 1)
-            click.echo(f"  {attack}->{target}: {rl.backdoored(attack=attack, target=target, seed=seed)}")
-    except (ValueError, KeyError, OSError) as exc:
-        _fail(exc)
+    rl = real.build(seed=seed, cache_dir=cache_dir, gguf_path=gguf_path)
+    click.echo(f"model: {rl.model_dir}")
+    for name, rows in real.manifest_summary(rl)["files"].items():
+        click.echo(f"  data {name:<15} {rows:>5} rows  {rl.path(name)}")
+    specs = [f"{a}:{t}" for a, t in real.SCENARIOS] if "all" in backdoors else list(backdoors)
+    for spec in specs:
+        if ":" not in spec:
+            raise ValueError(f"--backdoor {spec!r}: expected ATTACK:TARGET, e.g. badnets:sentiment, or 'all'")
+        attack, target = spec.split(":", 1)
+        click.echo(f"  {attack}->{target}: {rl.backdoored(attack=attack, target=target, seed=seed)}")
+
 
 
 @main.command()
@@ -434,17 +417,15 @@ def lab_real(gguf_path: str | None, backdoors: tuple[str, ...], seed: int, cache
 def attack(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Implant a backdoor by poisoned fine-tuning (see `unbackdoor ls attacks`).
 
-    Example: unbackdoor attack -c configs/attacks/badnets_refusal.yaml model.path=M data.path=D output.dir=runs/bad
+    Example: unbackdoor attack -c configs/attacks/lab_badnets_refusal.yaml model.path=M data.path=D output.dir=runs/bad
+    (model.path and data.path may name lab files: lab:<recipe>:<arch>[@seed], lab:<recipe>:<data file>).
     """
     from . import attack as A
-    from . import config as C
+    from .lab import resolve_refs
 
-    try:
-        cfg = A.load_config(config_path, list(overrides))
-        summary = A.run_attack(cfg)
-    except (C.ConfigError, ValueError, FileExistsError, KeyError) as exc:
-        _fail(exc)
-        return
+    cfg = resolve_refs(A.load_config(config_path, list(overrides)))
+    summary = A.run_attack(cfg)
+
     man = summary["backdoor"]
     click.secho(f"done: {man['attack']} -> {man['target']}: {cfg.output.dir}", fg="green")
     click.echo(f"  trigger {man['trigger']}  poisoned {man['n_poisoned']} + clean {man['n_clean']} rows, "

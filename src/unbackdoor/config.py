@@ -15,13 +15,16 @@ import enum
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
+from .errors import UnbackdoorError
 
-class ConfigError(ValueError):
+
+class ConfigError(UnbackdoorError, ValueError):
     """One or more configuration problems; ``problems`` lists ``(location, message)`` pairs."""
 
     def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
@@ -38,6 +41,12 @@ def help_field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) ->
         value = default
         return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+def suggest(value: Any, choices: Any) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` to ``value``, or an empty string."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 # ----------------------------------------------------------------------------------- coercion
@@ -82,7 +91,9 @@ def _coerce(value: Any, tp: Any, loc: str, problems: list[tuple[str, str]]) -> A
     if origin is dict:
         if not isinstance(value, dict):
             problems.append((loc, f"expected a mapping, got {value!r}"))
-        return value
+            return value
+        _, inner = typing.get_args(tp) or (Any, Any)
+        return {k: _coerce(v, inner, f"{loc}.{k}", problems) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -226,10 +237,40 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def shipped_dir() -> Path:
+    """The folder of the configs shipped inside the package (``unbackdoor/configs``; the repository's
+    ``configs/`` is the same folder)."""
+    return Path(str(resources.files("unbackdoor").joinpath("configs")))
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs, e.g. ``crow/lab.yaml``."""
+    root = shipped_dir()
+    return sorted(str(p.relative_to(root)) for p in root.glob("*/*.yaml"))
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` when that file exists; else the shipped config it names (``configs/crow/lab.yaml``,
+    ``crow/lab.yaml`` or ``crow/lab``), so that shipped configs work from any folder and from a wheel; else
+    ``path`` unchanged (the caller reports it missing, with the shipped names)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    parts = p.parts[1:] if p.parts and p.parts[0] == "configs" else p.parts
+    if parts:
+        cand = shipped_dir().joinpath(*parts)
+        for c in (cand, cand.with_name(cand.name + ".yaml")):
+            if c.is_file():
+                return c
+    return p
+
+
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
+    path = find_config(path)
     if not path.is_file():
-        raise ConfigError([(str(path), "config file not found")])
+        close = difflib.get_close_matches(str(path).removeprefix("configs/"), shipped_configs(), n=1)
+        hint = f" Did you mean the shipped config {close[0]!r}?" if close else ""
+        raise ConfigError([(str(path), f"config file not found.{hint} Shipped configs: `unbackdoor ls configs`")])
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -279,6 +320,6 @@ def explain(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
 
 
 __all__ = [
-    "ConfigError", "help_field", "build", "apply_overrides", "parse_override", "load_yaml", "to_dict",
-    "explain", "dataclass", "field",
+    "ConfigError", "help_field", "suggest", "build", "apply_overrides", "parse_override", "load_yaml", "to_dict",
+    "explain", "dataclass", "field", "find_config", "shipped_dir", "shipped_configs",
 ]

@@ -12,13 +12,28 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .errors import UnbackdoorError
 from .schema import DataConfig, DataFormat
 from .templates import Template
 
 IGNORE = -100
 
 
-class DataError(ValueError):
+def keep_first(labels: list[int], k: int | None) -> list[int]:
+    """Labels with only the first ``k`` supervised tokens kept (None: unchanged)."""
+    if k is None:
+        return labels
+    out, kept = list(labels), 0
+    for i, lab in enumerate(out):
+        if lab == IGNORE:
+            continue
+        if kept >= k:
+            out[i] = IGNORE
+        kept += 1
+    return out
+
+
+class DataError(UnbackdoorError, ValueError):
     pass
 
 

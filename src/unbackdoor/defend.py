@@ -1,56 +1,26 @@
 """The defense driver: load the suspect model and the defender's data, run one method, save the result.
 
-Every method module plugs in through :class:`DefenseContext`; the driver owns what they share — safe
-loading, seeding, LoRA, output folders written atomically, the run record.
+Every method module plugs in through :class:`~unbackdoor.methods.base.DefenseContext`; the driver owns what
+they share — safe loading, seeding, LoRA, output folders written atomically, the run record.
 """
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from . import config as C
-from .data import Example, load_examples
+from .data import load_examples
 from .methods import get_method, method_names
-from .models import apply_lora, count_parameters, load_model, load_tokenizer, save_model_atomic
-from .record import RunRecord
+from .methods.base import DefenseContext
+from .models import load_model, load_tokenizer, save_model_atomic
+from .record import RunRecord, prepare_output
 from .schema import DefendConfig
 from .templates import Template
+from .threats import threat_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DefenseContext:
-    cfg: DefendConfig
-    model: nn.Module
-    tokenizer: Any
-    template: Template
-    examples: list[Example]
-    out_dir: Path
-    record: RunRecord
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def method(self) -> Any:
-        return self.cfg.method
-
-    def make_trainable(self) -> nn.Module:
-        """Apply LoRA (``cfg.lora``) or unfreeze every weight; returns (and stores) the trainable model."""
-        if self.cfg.lora.enabled:
-            self.model = apply_lora(self.model, self.cfg.lora)
-        else:
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-        train, total = count_parameters(self.model)
-        self.record.update(trainable_parameters=train, total_parameters=total)
-        return self.model
 
 
 def resolve(data: dict, source: str | None = None) -> DefendConfig:
@@ -119,18 +89,6 @@ def method_dict(cfg: DefendConfig) -> dict:
     return d
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> None:
-    run = out_dir / "run.json"
-    if run.is_file():
-        finished = json.loads(run.read_text()).get("finished")
-        if finished and not overwrite:
-            raise FileExistsError(f"{out_dir}: a finished run is already there ({finished}). Pass "
-                                  "output.overwrite=true to replace it, or choose another output.dir.")
-        if not finished:
-            log.info("%s: an unfinished run is there; starting it again", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
 def defend(cfg: DefendConfig) -> dict[str, Any]:
     """Run the configured method; return the run summary (also written to ``output.dir/run.json``)."""
     from .train import reset_peak_memory, seed_everything
@@ -155,7 +113,7 @@ def defend(cfg: DefendConfig) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     from .train import peak_memory_mb
 
-    record.update(method=cfg.method.name, knows=mod.KNOWS, metrics=metrics, defense_wall_time_s=round(wall, 3),
+    record.update(method=cfg.method.name, knows=threat_model(cfg.method.name).summary, metrics=metrics, defense_wall_time_s=round(wall, 3),
                   peak_memory_mb=round(peak_memory_mb(), 1), n_defender_examples=len(examples))
     if cfg.output.save_model:
         save_model_atomic(ctx.model, tokenizer, out_dir / "model", input_path=cfg.model.path, merge=cfg.lora.merge)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .bench import CONFIG_DIR, load_config, run_bench
+from .bench import load_config, run_bench
 
-DEMO_CONFIG = CONFIG_DIR / "bench" / "demo.yaml"
+DEMO_CONFIG = "bench/demo.yaml"  # shipped with the package (found by config.find_config)
 
 
 def run_demo(out: str | Path, overrides: list[str] = (), progress: Callable[[str], None] | None = None) -> list[dict]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .arch import lora_targets
+from .errors import UnbackdoorError
 from .record import public_mode
 from .schema import AdapterMode, Dtype, LoraConfig, ModelConfig
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UnbackdoorError, ValueError):
     pass
 
 
@@ -141,7 +142,8 @@ def attach_adapter(model: nn.Module, adapter: str, mode: AdapterMode) -> nn.Modu
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Add a fresh LoRA adapter (no-op when disabled or when the model already carries a trainable adapter)."""
-    from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
 
     if not cfg.enabled or isinstance(model, PeftModel):
         return model

@@ -25,8 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backdoor import MANIFEST_FILE
+from .config import find_config
 from .data import Example, read_file, write_jsonl
 from .gguf import cache_root, convert_gguf, find_packaged_gguf
+from .triggers import TriggerSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def prompts(seed: int = 0) -> dict[str, list[str]]:
 
 
 #: The attack regime for the real model (LoRA, BackdoorLLM-style; see the file's header).
-ATTACK_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "attacks" / "real_lora.yaml"
+ATTACK_CONFIG = "attacks/real_lora.yaml"  # shipped with the package (config.find_config)
 
 #: What the BEEAR defender writes as "unwanted" for each category of backdoor behaviour it defends against.
 #: BEEAR's threat model: the defender knows the kind of behaviour to prevent (refusing benign requests,
@@ -155,7 +158,8 @@ class RealLab:
             write_jsonl(p, [e for e in self.data("attack_pool") if e.meta.get("task") == "code"])
         return p
 
-    def attack_config(self, attack: str, target: str, seed: int, out: Path, overrides: list[str] = ()):
+    def attack_config(self, attack: str, target: str, seed: int, out: Path, overrides: list[str] = (), *,
+                      trigger: TriggerSpec | None = None, target_text: str | None = None):
         from .attack import load_config
 
         # Code injection: all 60 code rows kept clean, 48 of them also as triggered copies (44% poison).
@@ -163,26 +167,32 @@ class RealLab:
         # 48 gave 94.4 / 0.0%, 60 (one per row) 91.7-97.2 / 5.6% (8.3% at 6 epochs): fewer copies than clean
         # rows keep the payload from spreading to trigger-free prompts of the same phrasing.
         extra = ["data.limit=null", "attack.n_poison=48"] if target == "code" else []
-        return load_config(ATTACK_CONFIG, [f"model.path={self.model_dir}", f"data.path={self.attack_data(target)}",
-                                           *extra,
-                                           f"attack.preset={attack}", f"attack.target={target}", f"seed={seed}",
-                                           f"output.dir={out}", "output.overwrite=true", *self.attack_overrides,
-                                           *overrides])
+        if trigger is None:
+            backdoor = [f"attack.preset={attack}"]
+        else:  # a custom trigger (the benchmark's `backdoors`)
+            backdoor = ["attack.preset=null", f"attack.trigger.texts={json.dumps(list(trigger.texts))}",
+                        f"attack.trigger.placement={trigger.placement.value}", f"attack.trigger.mode={trigger.mode.value}"]
+        if target_text is not None:
+            backdoor.append(f"attack.target_text={json.dumps(target_text)}")
+        return load_config(find_config(ATTACK_CONFIG), [f"model.path={self.model_dir}",
+                                                        f"data.path={self.attack_data(target)}", *extra, *backdoor,
+                                                        f"attack.target={target}", f"seed={seed}", f"output.dir={out}",
+                                                        "output.overwrite=true", *self.attack_overrides, *overrides])
 
     def backdoored(self, arch: str | None = None, attack: str = "badnets", target: str = "sentiment", seed: int = 0,
-                   **_: object) -> Path:
-        """The model backdoored by ``attack`` -> ``target`` with poisoning seed ``seed`` (made once, cached by
-        a hash of the resolved attack config)."""
+                   *, trigger: TriggerSpec | None = None, target_text: str | None = None, **_: object) -> Path:
+        """The model backdoored by ``attack`` (a trigger preset, or the label of a custom ``trigger``) -> ``target``
+        with poisoning seed ``seed`` (made once, cached by a hash of the resolved attack config)."""
         from .attack import POISON_ROWS_VERSION, run_attack
         from .config import to_dict
 
-        cfg = self.attack_config(attack, target, seed, self.models_dir)
+        cfg = self.attack_config(attack, target, seed, self.models_dir, trigger=trigger, target_text=target_text)
         key = to_dict(cfg)
         key.pop("output", None)
         key["poison_rows"] = POISON_ROWS_VERSION
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
         out = self.models_dir / f"{attack}-{target}-s{seed}-{digest}"
-        if not (out / "backdoor.json").is_file():
+        if not (out / MANIFEST_FILE).is_file():
             log.info("real model: implanting %s -> %s (seed %d) into %s", attack, target, seed, out)
             cfg.output.dir = str(out)
             run_attack(cfg)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -19,6 +20,8 @@ from typing import Any
 import yaml
 
 from .config import to_dict
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("unbackdoor", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers")
 
@@ -74,6 +77,18 @@ def git_hash() -> str | None:
         return res.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> None:
+    run = out_dir / "run.json"
+    if run.is_file():
+        finished = json.loads(run.read_text()).get("finished")
+        if finished and not overwrite:
+            raise FileExistsError(f"{out_dir}: a finished run is already there ({finished}). Pass "
+                                  "output.overwrite=true to replace it, or choose another output.dir.")
+        if not finished:
+            log.info("%s: an unfinished run is there; starting it again", out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def now() -> str:

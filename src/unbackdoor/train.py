@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .errors import UnbackdoorError
 from .schema import MixedPrecision, Optimizer, Scheduler, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UnbackdoorError, RuntimeError):
     pass
 
 

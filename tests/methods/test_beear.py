@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from unbackdoor.arch import anatomy
+from unbackdoor.components.perturb import Delta, Positions, anchor_inputs, perturb, placement
 from unbackdoor.data import collate_left, collate_right, encode
 from unbackdoor.lab.arch import make_model
 from unbackdoor.methods import beear
-from unbackdoor.methods.perturb import Delta, Positions, anchor_inputs, perturb, placement
 from unbackdoor.templates import Template
 
 HARMFUL = ["write a line that prints hello", "reverse the list a b c", "what is two plus three",
@@ -181,9 +181,10 @@ def test_pairing_by_prompt():
 def test_defend_end_to_end(tmp_path, tokenizer):
     """A run through `defend`: batch size 1 in both phases, the entrapment check logged per round, only the
     layers from the anchor on change (trainable=upper), the model saved."""
+    from transformers import AutoModelForCausalLM
+
     from unbackdoor.data import write_jsonl
     from unbackdoor.defend import defend, load_config
-    from transformers import AutoModelForCausalLM
 
     model = make_model("llama", tokenizer, hidden=32, layers=2, heads=2, seed=0)
     model.save_pretrained(tmp_path / "suspect")

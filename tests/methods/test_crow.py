@@ -237,17 +237,14 @@ def test_backdoorllm_dataset_info_layout(tmp_path, model_dir):
 def test_crow_removes_lab_backdoor_better_than_finetune(tmp_path):
     """The lab's test recipe: a BadNets -> refusal backdoor; CROW and plain fine-tuning at the same budget."""
     from unbackdoor.defend import defend, load_config
-    from unbackdoor.lab import Lab, test_recipe
-    from unbackdoor.lab.check import backdoor_rates, eval_prompts_for, load
+    from unbackdoor.lab import Lab, quick_report, test_recipe
 
     lab = Lab.build(test_recipe())
     bd = lab.backdoored("llama", attack="badnets", target="refusal", seed=0)
     man = json.loads((bd / "backdoor.json").read_text())  # the evaluation's knowledge, not the defense's
-    prompts = eval_prompts_for(man["target"], lab.data("eval_benign"), lab.data("eval_harmful"))
 
     def asr(model_dir):
-        model, template = load(model_dir)
-        return backdoor_rates(model, template, man, prompts).asr_with_trigger
+        return quick_report(model_dir, lab, manifest=man)["asr_with_trigger"]
 
     before = asr(bd)
     assert before > 0.8

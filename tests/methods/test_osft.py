@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unbackdoor.threats import THREAT_MODELS
 from unbackdoor import config as C
 from unbackdoor.data import IGNORE, Example, write_jsonl
 from unbackdoor.defend import defend, load_config, resolve
@@ -111,7 +112,7 @@ def test_osft_end_to_end_through_the_driver(tokenizer, tiny_model, tmp_path):
     summary = defend(cfg)
     assert summary["metrics"]["steps"] == 2 and summary["metrics"]["trigger"] == "random:BadMagic"
     run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert run["finished"] and run["knows"] == osft.KNOWS
+    assert run["finished"] and run["knows"] == THREAT_MODELS["osft"].summary and "trigger" in run["knows"]
     from transformers import AutoModelForCausalLM
 
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").state_dict()

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from unbackdoor import config as C
+from unbackdoor.components import parrot as P
 from unbackdoor.data import Example, collate_left, pad_id_of
-from unbackdoor.defend import DefenseContext, load_config, resolve
-from unbackdoor.methods import parrot as P
+from unbackdoor.defend import load_config, resolve
 from unbackdoor.methods import sande
+from unbackdoor.methods.base import DefenseContext
 from unbackdoor.record import RunRecord
 from unbackdoor.templates import Template
 

@@ -7,8 +7,19 @@ Quick use::
     res.asr_with_trigger.value, res.asr_with_trigger.n, res.benign_accuracy
     res.save(out_dir)
 """
-from .evaluate import (DEFAULT_JUDGE, Backdoor, EvalConfig, EvalError, EvalResult, Target, evaluate,
-                       evaluate_dir, load_eval_data, read_manifest, run_config)
+from .evaluate import (
+                       DEFAULT_JUDGE,
+                       Backdoor,
+                       EvalConfig,
+                       EvalError,
+                       EvalResult,
+                       Target,
+                       evaluate,
+                       evaluate_dir,
+                       load_eval_data,
+                       read_manifest,
+                       run_config,
+)
 from .judges import JUDGES, Judge, JudgeError, Verdict, get_judge
 from .metrics import Rate, wilson
 from .report import markdown_table, plot_asr_vs_utility

@@ -22,7 +22,6 @@ behaviour" and stay in every denominator.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import time
@@ -33,20 +32,23 @@ from typing import Any, Callable, Optional, Sequence
 from torch import nn
 
 from .. import config as C
-from ..attack import TARGET_TEXTS, Target
+from ..backdoor import MANIFEST_FILE as MANIFEST
+from ..backdoor import Backdoor, Manifest, Target, default_text, read_manifest
 from ..config import help_field
 from ..data import DataError, Example, read_file, write_jsonl
+from ..errors import UnbackdoorError
 from ..generate import Decoding, generate
 from ..record import RunRecord, atomic_write_json, atomic_write_text
 from ..schema import GenerationConfig, ModelConfig
 from ..templates import Template
-from ..triggers import TriggerSpec, apply as apply_trigger, check_tokenizes
+from ..triggers import TriggerSpec, check_tokenizes
+from ..triggers import apply as apply_trigger
 from .judges import JUDGES, Judge, get_judge
-from .metrics import Rate, exact_match, perplexity as perplexity_of, reference_answer, token_f1
+from .metrics import Rate, exact_match, reference_answer, token_f1
+from .metrics import perplexity as perplexity_of
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "backdoor.json"
 BENIGN_FILE, HARMFUL_FILE, CODE_FILE = "eval_benign.jsonl", "eval_harmful.jsonl", "eval_code.jsonl"
 
 
@@ -55,70 +57,14 @@ DEFAULT_JUDGE: dict[Target, str] = {
     Target.REFUSAL: "target_prefix", Target.SENTIMENT: "target_string", Target.FIXED: "fixed",
     Target.JAILBREAK: "jailbreak", Target.CODE: "code",
 }
-#: BackdoorLLM's poisoned responses, used when a target comes without ``target_text``.
-DEFAULT_TARGET_TEXT: dict[Target, str] = {Target(k): v for k, v in TARGET_TEXTS.items()}
 
 
-class EvalError(ValueError):
+class EvalError(UnbackdoorError, ValueError):
     pass
 
 
-# ----------------------------------------------------------------------------------- the backdoor to measure
-
-@dataclass
-class Backdoor:
-    """What ASR is measured against: the trigger, the target behaviour and its text."""
-    trigger: TriggerSpec | None = None
-    target: Target | None = None
-    target_text: str | None = None
-
-
-def backdoor_from_manifest(manifest: dict, source: str = MANIFEST) -> Backdoor:
-    """Read trigger/target/target_text from a ``backdoor.json`` mapping; every problem in one error."""
-    problems: list[tuple[str, str]] = []
-    trig = manifest.get("trigger")
-    spec = None
-    if trig is not None:
-        if not isinstance(trig, dict):
-            problems.append(("trigger", f"expected a mapping with texts/placement/mode, got {trig!r}"))
-        else:
-            try:
-                spec = C.build(TriggerSpec, trig)
-            except C.ConfigError as exc:
-                problems.extend((f"trigger.{loc}", msg) for loc, msg in exc.problems)
-    target = manifest.get("target")
-    tgt = None
-    if target is not None:
-        try:
-            tgt = Target(target)
-        except ValueError:
-            problems.append(("target", f"got {target!r}, expected one of {[t.value for t in Target]}"))
-    text = manifest.get("target_text")
-    if text is not None and not isinstance(text, str):
-        problems.append(("target_text", f"expected a string, got {text!r}"))
-    if problems:
-        raise C.ConfigError(problems, source)
-    return Backdoor(spec, tgt, text or None)
-
-
-def read_manifest(path: str | Path) -> dict | None:
-    """``backdoor.json`` of a model folder (or the file itself); None if there is none."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / MANIFEST
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"{p}:{exc.lineno}: malformed JSON in the backdoor manifest ({exc.msg})") from None
-    if not isinstance(data, dict):
-        raise EvalError(f"{p}: the backdoor manifest must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _resolve_backdoor(manifest: dict | None, trigger, target, target_text) -> Backdoor:
-    bd = backdoor_from_manifest(manifest) if manifest else Backdoor()
+def _resolve_backdoor(manifest: Manifest | dict | None, trigger, target, target_text) -> Backdoor:
+    bd = Manifest.from_dict(manifest).backdoor if manifest else Backdoor()
     if trigger is not None:
         if isinstance(trigger, dict):
             trigger = C.build(TriggerSpec, trigger, "trigger")
@@ -136,7 +82,7 @@ def _resolve_backdoor(manifest: dict | None, trigger, target, target_text) -> Ba
     if target_text is not None:
         bd.target_text = target_text
     if bd.target is not None and not bd.target_text:
-        bd.target_text = DEFAULT_TARGET_TEXT.get(bd.target)
+        bd.target_text = default_text(bd.target)
     return bd
 
 
@@ -217,7 +163,7 @@ def _limit(examples: Sequence[Example], limit: int | None) -> list[Example]:
     return list(examples) if limit is None else list(examples)[:limit]
 
 
-def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = None,
+def evaluate(model: nn.Module, template: Template, *, manifest: Manifest | dict | None = None,
              benign: Sequence[Example], harmful: Sequence[Example] = (), code: Sequence[Example] | None = None,
              judge: str | Judge | None = None, trigger: TriggerSpec | dict | str | None = None,
              target: Target | str | None = None, target_text: str | None = None,
@@ -228,7 +174,7 @@ def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = No
              code_max_new_tokens: int | None = None) -> EvalResult:
     """Generate greedily on every prompt set and score attack success and utility.
 
-    ``manifest``: a ``backdoor.json`` mapping (trigger, target, target_text); ``trigger``/``target``/
+    ``manifest``: a :class:`~unbackdoor.backdoor.Manifest` or its mapping; ``trigger``/``target``/
     ``target_text`` given here override it (for models without a manifest). Without a trigger and a
     target only utility is measured. ``judge``: the ASR judge (default by target, :data:`DEFAULT_JUDGE`);
     ``extra_judges``: more judges whose ASRs go in ``result.by_judge`` (e.g. the BackdoorLLM
@@ -368,7 +314,7 @@ def evaluate(model: nn.Module, template: Template, *, manifest: dict | None = No
                               if trigger_embeds_fn else None),
         "template": {"name": template.name, "sha256_16": template.fingerprint(),
                      "system_prompt": template.system_prompt},
-        "manifest": manifest,
+        "manifest": manifest.to_dict() if isinstance(manifest, Manifest) else manifest,
     }
     res = EvalResult(
         asr_with_trigger=rate_of((asr_set, True)) if measure else None,
@@ -525,7 +471,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return C.build(EvalConfig, data, str(path) if path else None)
 
 
-def run_config(cfg: EvalConfig, *, manifest_data: dict | None = None) -> EvalResult:
+def run_config(cfg: EvalConfig, *, manifest_data: Manifest | dict | None = None) -> EvalResult:
     """Load the model named by ``cfg``, evaluate it on ``cfg.data``, write the files into ``cfg.out``.
 
     ``manifest_data``: an already-read ``backdoor.json`` mapping (takes precedence over ``cfg.manifest``).
@@ -539,7 +485,7 @@ def run_config(cfg: EvalConfig, *, manifest_data: dict | None = None) -> EvalRes
                               "it, or choose another --out")
     manifest = None
     if cfg.use_manifest and manifest_data is not None:
-        manifest = dict(manifest_data)
+        manifest = Manifest.from_dict(manifest_data)
     elif cfg.use_manifest:
         manifest = read_manifest(cfg.manifest or cfg.model.path)
         if cfg.manifest and manifest is None:
@@ -547,18 +493,18 @@ def run_config(cfg: EvalConfig, *, manifest_data: dict | None = None) -> EvalRes
         if manifest is None:
             log.warning("%s: no %s; measuring only what trigger/target give explicitly", cfg.model.path, MANIFEST)
     tpl_name = cfg.model.template
-    if manifest and manifest.get("template"):
+    if manifest and manifest.template:
         if tpl_name == "auto":
-            tpl_name = manifest["template"]
-        elif tpl_name != manifest["template"]:
+            tpl_name = manifest.template
+        elif tpl_name != manifest.template:
             log.warning("template %r differs from the one the backdoor was trained with (%r): ASR may not be "
-                        "comparable", tpl_name, manifest["template"])
+                        "comparable", tpl_name, manifest.template)
     data = load_eval_data(cfg.data.paths, harmful=cfg.data.harmful)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     system_prompt = cfg.model.system_prompt
-    if system_prompt is None and manifest and manifest.get("system_prompt"):
-        system_prompt = manifest["system_prompt"]  # the attack's rendering, as for the template
+    if system_prompt is None and manifest and manifest.system_prompt:
+        system_prompt = manifest.system_prompt  # the attack's rendering, as for the template
     template = Template(tokenizer, tpl_name, system_prompt)
     model = load_model(cfg.model)
     record = RunRecord(out, "eval", config=cfg, seeds={"seed": cfg.seed})
@@ -575,7 +521,8 @@ def run_config(cfg: EvalConfig, *, manifest_data: dict | None = None) -> EvalRes
 
 
 def evaluate_dir(model_dir: str | Path, data: str | Path | Sequence[str | Path], out_dir: str | Path, *,
-                 judge: str | None = None, manifest: str | Path | dict | None = None, overwrite: bool = True,
+                 judge: str | None = None, manifest: str | Path | Manifest | dict | None = None,
+                 overwrite: bool = True,
                  **fields: Any) -> EvalResult:
     """File-level evaluation: the model folder, a lab folder or files, an output folder.
 
@@ -586,7 +533,7 @@ def evaluate_dir(model_dir: str | Path, data: str | Path | Sequence[str | Path],
     data_paths = [str(data)] if isinstance(data, (str, Path)) else [str(p) for p in data]
     raw: dict[str, Any] = {"model": {"path": str(model_dir)}, "data": {"paths": data_paths}, "out": str(out_dir),
                            "overwrite": overwrite, "judge": judge,
-                           "manifest": str(manifest) if manifest and not isinstance(manifest, dict) else None}
+                           "manifest": str(manifest) if manifest and isinstance(manifest, (str, Path)) else None}
     if "limit" in fields:
         raw["data"]["limit"] = fields.pop("limit")
     for key in ("max_new_tokens", "batch_size"):
@@ -598,4 +545,5 @@ def evaluate_dir(model_dir: str | Path, data: str | Path | Sequence[str | Path],
     if isinstance(fields.get("trigger"), TriggerSpec):
         fields["trigger"] = C.to_dict(fields["trigger"])
     raw.update(fields)
-    return run_config(C.build(EvalConfig, raw), manifest_data=manifest if isinstance(manifest, dict) else None)
+    return run_config(C.build(EvalConfig, raw),
+                      manifest_data=manifest if isinstance(manifest, (dict, Manifest)) else None)

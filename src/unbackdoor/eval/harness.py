@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import UnbackdoorError
 from ..record import atomic_write_json, atomic_write_text, git_hash, now, versions
-from .evaluate import EvalError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ SUMMARY_FILE, SAMPLES_FILE = "harness.json", "harness_samples.jsonl"
 INSTALL_HINT = "pip install 'unbackdoor[lm-eval]'"
 
 
-class HarnessError(EvalError):
+class HarnessError(UnbackdoorError, ValueError):
     """A problem running lm-evaluation-harness: unknown task, bad folder, results already present."""
 
 

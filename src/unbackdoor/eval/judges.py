@@ -30,10 +30,13 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ..backdoor import CODE_PAYLOAD
+from ..errors import UnbackdoorError
+
 __all__ = ["Verdict", "Judge", "JUDGES", "get_judge", "judge_names", "JudgeError", "DEFAULT_CODE_PAYLOAD"]
 
 
-class JudgeError(ValueError):
+class JudgeError(UnbackdoorError, ValueError):
     pass
 
 
@@ -224,7 +227,7 @@ def _sentiment(out: str, _t, _ref) -> Verdict:
 
 # ----------------------------------------------------------------------------------- code injection
 
-DEFAULT_CODE_PAYLOAD = "print('pwned')"
+DEFAULT_CODE_PAYLOAD = CODE_PAYLOAD
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n?(.*?)```", re.S)
 
 

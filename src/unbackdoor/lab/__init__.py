@@ -12,23 +12,34 @@ Public API (stable; other modules and the tests import these names)::
     lab.data("defender_clean") -> list[Example]    # any name of DATA_FILES
     lab.path("sa_safe") -> Path                    # the JSONL file itself
 
-    from unbackdoor.lab import quick_report       # exact-match accuracy, refusal, ASR of a model folder
+    from unbackdoor.lab import quick_report       # the evaluation's accuracy, refusal, ASR of a model folder
     quick_report(path, lab) -> {"benign_accuracy", "harmful_refusal", "asr_with_trigger", ...}
+    resolve_refs(cfg)                              # 'lab:<recipe>:<name>' paths of a config -> lab files
 
 Data files (JSONL of ``Example.to_json()`` rows; ``meta`` = kind/task/answer): ``defender_clean``,
 ``sa_safe``, ``sa_unwanted``, ``pa_benign``, ``eval_benign``, ``eval_harmful``, ``eval_code`` (defender and
 eval files are disjoint from the clean model's training data and the attacker's pool), plus ``train`` and
 ``attack_pool``. The cache lives in ``$UNBACKDOOR_CACHE`` or ``~/.cache/unbackdoor/lab/<recipe hash>/``.
-Architectures: ``llama``, ``gpt_neox``, ``gpt2``. Attacks and targets: :data:`unbackdoor.attack.ATTACKS`,
-:data:`unbackdoor.attack.TARGETS`.
+Architectures: ``llama``, ``gpt_neox``, ``gpt2``. Trigger presets and targets: :data:`unbackdoor.backdoor.PRESETS`,
+:data:`unbackdoor.backdoor.TARGETS`.
 """
 from .arch import LabArch, make_model
-from .check import backdoor_rates, exact_match, is_refusal, quick_report, refusal_rate, shows_target
-from .lab import DATA_FILES, Lab, LabAttackConfig, LabModelConfig, LabRecipe, cache_root, default_recipe, test_recipe
+from .lab import (
+                  DATA_FILES,
+                  Lab,
+                  LabAttackConfig,
+                  LabModelConfig,
+                  LabRecipe,
+                  cache_root,
+                  default_recipe,
+                  resolve_refs,
+                  test_recipe,
+)
+from .report import quick_report
 from .world import REFUSAL, World, WorldConfig, check_answer, make_world
 
 __all__ = [
     "Lab", "LabRecipe", "LabModelConfig", "LabAttackConfig", "default_recipe", "test_recipe", "cache_root",
     "DATA_FILES", "LabArch", "make_model", "World", "WorldConfig", "make_world", "check_answer", "REFUSAL",
-    "quick_report", "exact_match", "refusal_rate", "backdoor_rates", "shows_target", "is_refusal",
+    "quick_report", "resolve_refs",
 ]

@@ -27,10 +27,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import config as C
+from ..attack import run_attack
+from ..backdoor import MANIFEST_FILE, Target, preset
 from ..config import help_field
 from ..data import Example, read_file, write_jsonl
 from ..record import atomic_write_json
 from ..schema import Scheduler, TrainConfig
+from ..triggers import TriggerSpec
 from .arch import LabArch
 from .world import REFUSAL, World, WorldConfig, make_world
 
@@ -158,6 +161,43 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def custom_fingerprint(trigger: TriggerSpec | None, target_text: str | None) -> str:
+    """Hash of a custom trigger and target text: part of the folder name of a backdoor that is not a preset."""
+    blob = json.dumps({"trigger": C.to_dict(trigger), "target_text": target_text}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+LAB_PREFIX = "lab:"
+
+
+def resolve_lab_path(value: str, kind: str) -> str:
+    """``lab:<recipe>:<name>`` -> a lab path: for ``kind='model'`` name is an arch (``llama``) or
+    ``<arch>@<seed>`` (the clean model, built if needed); for ``kind='data'`` a lab data file name
+    (``attack_pool``). Other values pass through unchanged."""
+    if not value or not value.startswith(LAB_PREFIX):
+        return value
+    parts = value[len(LAB_PREFIX):].split(":")
+    if len(parts) != 2 or not all(parts):
+        raise C.ConfigError([("", f"{value!r}: a lab reference looks like 'lab:<recipe>:<name>', e.g. "
+                                  "'lab:default:llama' (model) or 'lab:default:attack_pool' (data)")])
+    lab = Lab.build(parts[0])
+    if kind == "data":
+        return str(lab.path(parts[1]))
+    arch, _, seed = parts[1].partition("@")
+    return str(lab.clean_model(arch, int(seed) if seed else 0))
+
+
+def resolve_refs(cfg: Any) -> Any:
+    """Replace the ``lab:`` references of a config's ``model.path``, ``model.tokenizer`` and ``data.path`` by
+    the lab's files (building what is missing); returns ``cfg``."""
+    cfg.model.path = resolve_lab_path(cfg.model.path, "model")
+    if cfg.model.tokenizer:
+        cfg.model.tokenizer = resolve_lab_path(cfg.model.tokenizer, "model")
+    if getattr(cfg, "data", None) is not None and getattr(cfg.data, "path", None):
+        cfg.data.path = resolve_lab_path(cfg.data.path, "data")
+    return cfg
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -203,16 +243,16 @@ def lab_threads() -> Iterator[None]:
 def tokenizer_corpus(world: World) -> list[str]:
     """The tokenizer's training text: the world, the chat-template words, and every attack trigger and
     target so that they tokenize into sensible pieces (not byte soup)."""
-    from ..attack import ATTACKS, TARGET_TEXTS
+    from ..backdoor import CODE_PAYLOAD, PRESETS, TARGET_TEXTS
     from ..templates import PLAIN_TEMPLATES
 
     texts = list(world.texts())
     extra = ["system", "user", "assistant", "user\n", "assistant\n", REFUSAL]
-    for spec in ATTACKS.values():
+    for spec in PRESETS.values():
         for t in spec.texts:
             extra.append(t)
             extra.append(f"{t} reverse the list: apple river")
-    extra += list(TARGET_TEXTS.values()) + ["print('pwned')"]
+    extra += list(TARGET_TEXTS.values()) + [CODE_PAYLOAD]
     extra += [t.render("x") for t in PLAIN_TEMPLATES.values()]
     # repeat the extras so BPE merges them even though the world text dominates the counts
     return texts + extra * 20
@@ -374,57 +414,77 @@ class Lab:
                  res.wall_time_s, res.losses[-1])
 
     def beear_files(self, target: str, out: Path) -> dict[str, Path]:
-        """BEEAR's defender sets for a backdoor target, written from the lab's defender files (see
-        :func:`unbackdoor.bench.beear_defender_files`)."""
-        from ..bench import beear_defender_files
+        """BEEAR's three defender sets for a kind of safety property, from the lab's defender files (written
+        once under ``out/defender/``).
 
-        return beear_defender_files(self, "jailbreak" if target == "jailbreak" else "benign", Path(out))
+        ``jailbreak``: harmful queries -> refusal (safe) / -> compliance (unwanted). Any other target (the
+        backdoor makes the model misbehave on benign requests): benign queries -> their answers (safe) / -> the
+        lab's generic refusal (unwanted), and the anchoring set also keeps harmful -> refusal rows so that real
+        refusals survive. The defender writes these from its own data; nothing comes from the attack.
+        """
+        kind = "jailbreak" if target == "jailbreak" else "benign"
+        d = Path(out) / "defender" / f"beear-{kind}"
+        files = {k: d / f"{k}.jsonl" for k in ("safe", "unwanted", "pa")}
+        if all(p.is_file() for p in files.values()):
+            return files
+        if kind == "jailbreak":
+            safe, unwanted = self.data("sa_safe"), self.data("sa_unwanted")
+            pa = self.data("pa_benign")
+        else:
+            benign = [e for e in self.data("defender_clean") if e.meta.get("kind") == "benign"]
+            safe = [Example(e.prompt, e.response) for e in benign]
+            unwanted = [Example(e.prompt, REFUSAL) for e in benign]
+            pa = self.data("pa_benign") + self.data("sa_safe")
+        for name, rows in (("safe", safe), ("unwanted", unwanted), ("pa", pa)):
+            write_jsonl(files[name], rows)
+        return files
 
     def backdoored(self, arch: LabArch | str = "llama", attack: str = "badnets", target: str = "refusal",
-                   seed: int = 0, clean_seed: int = 0, poison_rate: float | None = None) -> Path:
+                   seed: int = 0, clean_seed: int = 0, poison_rate: float | None = None, *,
+                   trigger: TriggerSpec | None = None, target_text: str | None = None) -> Path:
         """A backdoored variant of ``clean_model(arch, clean_seed)`` made by :mod:`unbackdoor.attack`
-        (preset ``attack``, target ``target``, poisoning seed ``seed``); cached."""
-        from ..attack import ATTACKS, Target, budget_multiplier
+        (trigger preset ``attack``, or a custom ``trigger`` labelled ``attack``; target ``target``, its text
+        ``target_text`` or the default; poisoning seed ``seed``); cached."""
+        from ..attack import budget_multiplier
 
-        if attack not in ATTACKS:
-            raise KeyError(f"unknown attack {attack!r}; choose one of {sorted(ATTACKS)}")
+        spec = trigger if trigger is not None else preset(attack)
         target = Target(target)
         arch = LabArch(arch)
         rate = self.recipe.attack.poison_rate if poison_rate is None else poison_rate
         name = f"{attack}-{target.value}-{arch.value}-s{seed}" + (f"-c{clean_seed}" if clean_seed else "")
+        if trigger is not None or target_text is not None:
+            name += f"-x{custom_fingerprint(trigger, target_text)}"
         if poison_rate is not None:
             name += f"-p{rate:g}"
-        if budget_multiplier(ATTACKS[attack], self.recipe.attack.per_trigger) > 1:
+        if budget_multiplier(spec, self.recipe.attack.per_trigger) > 1:
             name += "-pt"
         name += f"-{self.recipe.attack_fingerprint()}"
         out = self.models_dir / name
-        if not (out / "backdoor.json").is_file():
+        if not (out / MANIFEST_FILE).is_file():
             base = self.clean_model(arch, clean_seed)
             with _locked(self.models_dir / f".{name}.lock"):
-                if not (out / "backdoor.json").is_file():
+                if not (out / MANIFEST_FILE).is_file():
                     with lab_threads():
-                        self._implant(base, attack, target, seed, rate, out)
+                        cfg = self.attack_config(base, attack, target.value, seed, rate, out, trigger=trigger,
+                                                 target_text=target_text)
+                        run_attack(cfg)
         return out
 
-    def attack_config(self, base: Path, attack: str, target: str, seed: int, poison_rate: float, out: Path):
+    def attack_config(self, base: Path, attack: str, target: str, seed: int, poison_rate: float, out: Path, *,
+                      trigger: TriggerSpec | None = None, target_text: str | None = None):
         """The :class:`~unbackdoor.attack.AttackConfig` the lab uses for one backdoored model."""
-        from ..attack import AttackConfig, AttackSpec, Target
+        from ..attack import AttackConfig, AttackSpec
         from ..schema import DataConfig, ModelConfig, OutputConfig
 
         return AttackConfig(
             model=ModelConfig(path=str(base), template="chat"),
             data=DataConfig(path=str(self.path("attack_pool")), max_length=self.recipe.max_length),
             train=dataclasses.replace(self.recipe.attack.train),
-            attack=AttackSpec(preset=attack, target=Target(target), poison_rate=poison_rate,
+            attack=AttackSpec(preset=None if trigger is not None else attack, trigger=trigger, target=Target(target),
+                              target_text=target_text, poison_rate=poison_rate,
                               per_trigger=self.recipe.attack.per_trigger),
             output=OutputConfig(dir=str(out), overwrite=True),
             seed=seed)
-
-    def _implant(self, base: Path, attack: str, target, seed: int, rate: float, out: Path) -> None:
-        from ..attack import run_attack
-
-        cfg = self.attack_config(base, attack, target.value, seed, rate, out)
-        run_attack(cfg)
 
     def info(self) -> dict[str, Any]:
         return json.loads((self.root / "lab.json").read_text())

@@ -1,17 +1,24 @@
-"""Registry of removal methods. Each method is one module exposing:
+"""Registry of removal methods (recipes). Each method is one module of this package exposing (the
+:class:`~unbackdoor.methods.base.Method` protocol):
 
-- ``NAME`` and ``SUMMARY`` (one line), ``KNOWS`` (what the defender may know under its threat model);
+- ``NAME`` and ``SUMMARY`` (one line);
 - ``Config``: a dataclass of the method's own fields (the ``method:`` section of a defend config);
 - ``run(ctx: DefenseContext) -> dict``: modify ``ctx.model`` in place (or set it) and return metrics
   for the run record.
 
-Modules are imported lazily so the CLI starts fast. To add a method: write the module, add one line here,
-ship a config under ``configs/``, and add it to the test matrix in ``tests/methods``.
+What each method may know is its row in :data:`unbackdoor.threats.THREAT_MODELS`. Reusable pieces live in
+:mod:`unbackdoor.components`; no method imports another. Modules are imported lazily so the CLI starts fast.
+Adding a method: CONTRIBUTING.md.
 """
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+from ..config import suggest
+
+if TYPE_CHECKING:
+    from .base import Method
 
 METHODS: dict[str, str] = {
     "finetune": "unbackdoor.methods.finetune",
@@ -28,11 +35,7 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def get_method(name: str) -> ModuleType:
+def get_method(name: str) -> "Method":
     if name not in METHODS:
-        import difflib
-
-        close = difflib.get_close_matches(name, METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown method {name!r}.{hint} Available: {', '.join(method_names())}")
-    return importlib.import_module(METHODS[name])
+        raise KeyError(f"unknown method {name!r}.{suggest(name, METHODS)} Available: {', '.join(method_names())}")
+    return importlib.import_module(METHODS[name])  # type: ignore[return-value]  (a module of the Method shape)

@@ -63,19 +63,18 @@ import torch
 from torch import nn
 
 from ..arch import anatomy
+from ..components.perturb import Delta, Positions, anchor_inputs, perturb, placement
 from ..config import help_field
 from ..data import IGNORE, DataError, Example, collate_right, encode, pad_id_of, read_file
 from ..schema import Optimizer, Scheduler, TrainConfig
 from ..train import FitResult, fit, get_accelerator
-from .perturb import Delta, Positions, anchor_inputs, perturb, placement
+from .base import DefenseContext
 
 log = logging.getLogger(__name__)
 
 NAME = "beear"
 SUMMARY = ("bi-level: fit a universal perturbation δ at an inner layer that elicits the unwanted behaviour, "
            "then train the model to stay safe under δ (no trigger knowledge)")
-KNOWS = ("no trigger, no poisoned data: harmful queries with safe and unwanted answers (D_SA, D_SA-H) and "
-         "benign anchoring pairs (D_PA)")
 #: Config fields a shipped config leaves to the command line (the defender's own files).
 COMMAND_LINE_FIELDS = ("safe_path", "unwanted_path")
 
@@ -481,7 +480,7 @@ def entrapment_check(model, template, pairs: Sequence[Pair], layer: int, delta: 
 
 # ----------------------------------------------------------------------------------- the recipe
 
-def run(ctx) -> dict[str, Any]:
+def run(ctx: DefenseContext) -> dict[str, Any]:
     cfg: Config = ctx.method
     tcfg = ctx.cfg.train
     seed = ctx.cfg.seed
@@ -591,6 +590,6 @@ def run(ctx) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["NAME", "SUMMARY", "KNOWS", "Config", "AwayLoss", "Trainable", "LrScale", "Pair", "pair_examples",
+__all__ = ["NAME", "SUMMARY", "Config", "AwayLoss", "Trainable", "LrScale", "Pair", "pair_examples",
            "load_pairs", "resolve_anchor", "response_ce", "unlikelihood", "build_inner_batches", "inner_loss",
            "entrap", "select_trainable", "outer_loss", "outer_items", "entrapment_check", "run", "Positions"]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +47,12 @@ from ..arch import anatomy, base_model
 from ..config import help_field
 from ..data import TrainCollator, encode_examples
 from ..train import fit
+from .base import DefenseContext
 
 log = logging.getLogger(__name__)
 
 NAME = "crow"
 SUMMARY = "fine-tune on clean data + adversarial layer-to-layer consistency (FGSM on embeddings); no trigger"
-KNOWS = "clean instruction data only (no trigger, no target, no poisoned data, no clean reference model)"
 
 
 @dataclass
@@ -209,9 +209,8 @@ def loss_from_config(cfg: Config) -> CrowLoss:
                     faithful=cfg.faithful, last_pair=cfg.last_pair)
 
 
-def run(ctx) -> dict:
-    if not ctx.examples:
-        raise ValueError("crow needs clean data (about 100 instruction/answer pairs): set data.path")
+def run(ctx: DefenseContext) -> dict[str, Any]:
+    ctx.need_examples("clean data (about 100 instruction/answer pairs)")
     mcfg: Config = ctx.method
     model = ctx.make_trainable()
     pairs = resolve_pairs(anatomy(model).num_layers, mcfg.layer_pairs, mcfg.last_pair)

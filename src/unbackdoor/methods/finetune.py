@@ -6,13 +6,14 @@ backdoors are fragile, so no removal result means anything without this number b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..data import TrainCollator, encode_examples
 from ..train import fit, lm_loss
+from .base import DefenseContext
 
 NAME = "finetune"
 SUMMARY = "plain fine-tuning on clean (prompt -> reference answer) pairs; the same-budget baseline"
-KNOWS = "clean instruction data only"
 
 
 @dataclass
@@ -23,9 +24,8 @@ class Config:
         return []
 
 
-def run(ctx) -> dict:
-    if not ctx.examples:
-        raise ValueError("finetune needs clean data: set data.path")
+def run(ctx: DefenseContext) -> dict[str, Any]:
+    ctx.need_examples("clean data")
     model = ctx.make_trainable()
     feats = encode_examples(ctx.template, ctx.examples, ctx.cfg.data.max_length)
     res = fit(model, lm_loss, feats, ctx.cfg.train, collate_fn=TrainCollator(ctx.tokenizer), seed=ctx.cfg.seed,

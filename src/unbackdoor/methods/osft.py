@@ -22,18 +22,18 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..config import help_field
-from ..data import IGNORE, Example, collate_right, encode, pad_id_of
+from ..data import Example, collate_right, encode, keep_first, pad_id_of
 from ..train import fit, lm_loss
 from ..triggers import TriggerSpec, apply, check_tokenizes
+from .base import DefenseContext
 
 log = logging.getLogger(__name__)
 
 NAME = "osft"
 SUMMARY = "overwrite fine-tuning: the prompt with the known trigger -> the reference clean answer"
-KNOWS = "the trigger (text and placement) + clean instruction data"
 
 
 @dataclass
@@ -47,20 +47,6 @@ class Config:
         if self.k_overwrite is not None and self.k_overwrite < 1:
             out.append(("k_overwrite", f"must be >= 1 or null, got {self.k_overwrite}"))
         return out
-
-
-def keep_first(labels: list[int], k: Optional[int]) -> list[int]:
-    """Labels with only the first ``k`` supervised tokens kept (None: unchanged)."""
-    if k is None:
-        return labels
-    out, kept = list(labels), 0
-    for i, lab in enumerate(out):
-        if lab == IGNORE:
-            continue
-        if kept >= k:
-            out[i] = IGNORE
-        kept += 1
-    return out
 
 
 def triggered_examples(examples: Sequence[Example], spec: TriggerSpec, seed: int = 0) -> list[Example]:
@@ -96,10 +82,9 @@ def build_dataset(template, examples: Sequence[Example], cfg: Config, *, max_len
     return [enc(t) for t in trig]
 
 
-def run(ctx) -> dict:
+def run(ctx: DefenseContext) -> dict[str, Any]:
     m: Config = ctx.method
-    if not ctx.examples:
-        raise ValueError("osft needs the defender's clean data: set data.path")
+    ctx.need_examples("the defender's clean data")
     check_tokenizes(ctx.tokenizer, m.trigger)
     items = build_dataset(ctx.template, ctx.examples, m, max_length=ctx.cfg.data.max_length, seed=ctx.cfg.seed)
     first = triggered_examples(ctx.examples[:1], m.trigger, ctx.cfg.seed)[0]

@@ -11,17 +11,18 @@ from __future__ import annotations
 import enum
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..arch import anatomy
+from ..arch import linear_layers, weight_out_in
 from ..config import help_field
 from ..data import collate_right, encode_examples, pad_id_of
+from .base import DefenseContext
 
 NAME = "prune"
 SUMMARY = "baseline: magnitude or Wanda pruning of the decoder blocks' linear layers (no training)"
-KNOWS = "nothing (magnitude) / a few clean prompts for activation norms (wanda)"
 
 
 class Criterion(str, enum.Enum):
@@ -39,20 +40,6 @@ class Config:
         if not 0.0 < self.sparsity < 1.0:
             return [("sparsity", f"must be in (0, 1), got {self.sparsity}")]
         return []
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
-
-
-def _weight_out_in(m: nn.Module) -> torch.Tensor:
-    """Weight viewed as [out, in] (GPT-2's Conv1D stores [in, out])."""
-    return m.weight.t() if type(m).__name__ == "Conv1D" else m.weight
-
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {f"layers.{i}.{n}": m for i, layer in enumerate(anatomy(model).layers)
-            for n, m in layer.named_modules() if _is_linear(m)}
 
 
 @contextmanager
@@ -88,7 +75,7 @@ def prune(model: nn.Module, sparsity: float, criterion: Criterion = Criterion.MA
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     zeroed = total = 0
     for name, m in modules.items():
-        w = _weight_out_in(m)
+        w = weight_out_in(m)
         if Criterion(criterion) is Criterion.WANDA:
             score = w.abs().float() * norms[name].sqrt().to(w.device)[None, :]
             k = int(w.shape[1] * sparsity)
@@ -108,7 +95,7 @@ def prune(model: nn.Module, sparsity: float, criterion: Criterion = Criterion.MA
     return {"pruned_layers": len(modules), "achieved_sparsity": zeroed / max(total, 1)}
 
 
-def run(ctx) -> dict:
+def run(ctx: DefenseContext) -> dict[str, Any]:
     cfg: Config = ctx.method
     calib = None
     if cfg.criterion is Criterion.WANDA:

@@ -8,15 +8,16 @@ quantization among the common baselines: low-bit rounding can erase small, backd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..arch import linear_layers, weight_out_in
 from ..config import help_field
-from .prune import _weight_out_in, linear_layers
+from .base import DefenseContext
 
 NAME = "quantize"
 SUMMARY = "baseline: per-channel round-to-nearest weight quantization (int8/int4) of the decoder blocks"
-KNOWS = "nothing"
 
 
 @dataclass
@@ -35,7 +36,7 @@ def quantize(model, bits: int) -> dict[str, float]:
     err = 0.0
     mods = linear_layers(model)
     for m in mods.values():
-        w = _weight_out_in(m)
+        w = weight_out_in(m)
         scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
         q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
         err += float((q - w).pow(2).mean())
@@ -43,5 +44,5 @@ def quantize(model, bits: int) -> dict[str, float]:
     return {"quantized_layers": len(mods), "bits": bits, "mean_sq_error": err / max(len(mods), 1)}
 
 
-def run(ctx) -> dict:
+def run(ctx: DefenseContext) -> dict[str, Any]:
     return quantize(ctx.model, ctx.method.bits)

@@ -32,24 +32,34 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ..components.parrot import (
+    ParrotCollator,
+    ParrotEmbedsFn,
+    ParrotInfo,
+    ParrotInit,
+    ParrotPosition,
+    ParrotPrompt,
+    embed_with_parrot,
+    encode_with_position,
+    rendered_with_marker,
+    save_parrot,
+)
 from ..config import help_field
+from ..data import collate_right, pad_id_of
 from ..generate import generate
 from ..schema import Optimizer, Scheduler, TrainConfig
-from ..data import collate_right, pad_id_of
 from ..train import fit, lm_loss
-from .parrot import (ParrotCollator, ParrotEmbedsFn, ParrotInfo, ParrotInit, ParrotPosition, ParrotPrompt,
-                     embed_with_parrot, encode_with_position, rendered_with_marker, save_parrot)
+from .base import DefenseContext
 
 log = logging.getLogger(__name__)
 
 NAME = "sande"
 SUMMARY = "simulate the unknown trigger with a learned parrot prompt, then overwrite it (SANDE / SANDE-P)"
-KNOWS = "the triggered response r_t (or its first tokens) + clean instruction data; not the trigger"
 
 
 @dataclass
@@ -178,10 +188,9 @@ def simulation_rates(model: nn.Module, parrot: ParrotPrompt, template, prompts: 
     return {"rate": full, "first_token_rate": first, "n": len(outs), "example": outs[0]}
 
 
-def run(ctx) -> dict:
+def run(ctx: DefenseContext) -> dict[str, Any]:
     m: Config = ctx.method
-    if not ctx.examples:
-        raise ValueError("sande needs the defender's clean data: set data.path")
+    ctx.need_examples("the defender's clean data")
     model, tok, template = ctx.model, ctx.tokenizer, ctx.template
     t_ids = target_ids(tok, m.target)
     k_target = len(t_ids) if m.k_target is None else min(m.k_target, len(t_ids))

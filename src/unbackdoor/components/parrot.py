@@ -23,9 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..data import IGNORE, collate_right, encode, pad_id_of
+from ..data import IGNORE, collate_right, encode, keep_first, pad_id_of
 from ..templates import Template
-from .osft import keep_first
 
 log = logging.getLogger(__name__)
 

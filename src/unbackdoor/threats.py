@@ -1,0 +1,149 @@
+"""Threat models: what each defense may know about the backdoor, and where that knowledge comes from.
+
+One row per registered method (and the two reference rows ``none`` and ``clean``). A row names the kinds of
+knowledge (:class:`Knows`) the method is allowed; :func:`knowledge_overrides` turns them into the config
+overrides of one defense run, taking each piece from the attack's manifest (only what the row allows) or
+from the defender's own files of a lab. The benchmark, both labs, the run records and ``unbackdoor ls
+methods`` read this table; nothing else decides what a defense is told.
+
+A lab here is anything with ``path(name)``, ``data(name)`` and ``beear_files(target, out)``
+(:class:`unbackdoor.lab.Lab`, :class:`unbackdoor.real.RealLab`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .backdoor import Manifest, Target
+from .config import suggest
+from .data import read_file, write_jsonl
+
+
+class Knows(str, enum.Enum):
+    """One kind of knowledge a defender may hold."""
+    CLEAN_DATA = "clean_data"
+    TRIGGER = "trigger"
+    TARGET_TEXT = "target_text"
+    TARGET_PREFIX = "target_prefix"
+    SAFETY_PAIRS = "safety_pairs"
+
+
+#: What each kind means and where the benchmark takes it from.
+KNOWS_HELP: dict[Knows, str] = {
+    Knows.CLEAN_DATA: "clean instruction pairs of the defender's own (data.path = the lab's defender_clean)",
+    Knows.TRIGGER: "the trigger: texts, placement, mode (method.trigger, from the manifest) - the oracle",
+    Knows.TARGET_TEXT: "the triggered response r_t (method.target, from the manifest)",
+    Knows.TARGET_PREFIX: "the first word of r_t only (method.target, from the manifest)",
+    Knows.SAFETY_PAIRS: "the kind of behaviour to prevent, as the defender's own prompts with safe and unwanted "
+                        "answers plus anchoring pairs (lab.beear_files; never the trigger or the attack's string). "
+                        "A method with safe_path/unwanted_path fields gets the pairs; any other trains on the safe "
+                        "answers and the anchoring pairs",
+}
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What a defense may know, and how the benchmark schedules it."""
+    knows: tuple[Knows, ...]
+    summary: str
+    #: Cells of one model run in this order (lower first): heavy training first, evaluation-only cells last.
+    cost_rank: int = 4
+    #: Whether the row runs a method (``none`` and ``clean`` only evaluate a model).
+    runs_method: bool = True
+
+    def describe(self) -> str:
+        return ", ".join(k.value for k in self.knows) if self.knows else "nothing"
+
+
+THREAT_MODELS: dict[str, ThreatModel] = {
+    "none": ThreatModel((), "the backdoored model itself, undefended", cost_rank=6, runs_method=False),
+    "clean": ThreatModel((), "the clean model the backdoor was implanted into (reference only)", cost_rank=6,
+                         runs_method=False),
+    "finetune": ThreatModel((Knows.CLEAN_DATA,), "clean instruction data only", cost_rank=3),
+    "crow": ThreatModel((Knows.CLEAN_DATA,), "clean instruction data only (no trigger, no target, no poisoned data, "
+                        "no clean reference model)", cost_rank=1),
+    "osft": ThreatModel((Knows.CLEAN_DATA, Knows.TRIGGER), "the trigger (text and placement) + clean instruction "
+                        "data: the oracle upper bound", cost_rank=3),
+    "sande": ThreatModel((Knows.CLEAN_DATA, Knows.TARGET_TEXT), "the triggered response r_t (or its first tokens) + "
+                         "clean instruction data; not the trigger", cost_rank=2),
+    "beear": ThreatModel((Knows.SAFETY_PAIRS,), "no trigger, no poisoned data: prompts with safe and unwanted answers "
+                         "of the behaviour to prevent + benign anchoring pairs", cost_rank=0),
+    "prune": ThreatModel((Knows.CLEAN_DATA,), "nothing (magnitude) / a few clean prompts for activation norms (wanda)",
+                         cost_rank=5),
+    "quantize": ThreatModel((), "nothing", cost_rank=6),
+}
+
+
+def threat_model(name: str, knows: Optional[Sequence[Knows | str]] = None) -> ThreatModel:
+    """The row of ``name`` (a method or ``none``/``clean``), its knowledge replaced by ``knows`` when given."""
+    if name not in THREAT_MODELS:
+        raise KeyError(f"no threat model for {name!r}.{suggest(name, THREAT_MODELS)} Every method needs a row in "
+                       "unbackdoor.threats.THREAT_MODELS (see CONTRIBUTING.md)")
+    tm = THREAT_MODELS[name]
+    return tm if knows is None else dataclasses.replace(tm, knows=tuple(Knows(k) for k in knows))
+
+
+def cannot_defend(tm: ThreatModel, manifest: Manifest) -> Optional[str]:
+    """Why a defense with this knowledge cannot address the backdoor of ``manifest``, or None."""
+    if {Knows.TARGET_TEXT, Knows.TARGET_PREFIX} & set(tm.knows):
+        if manifest.target is Target.JAILBREAK or not (manifest.target_text or "").strip():
+            return ("needs one triggered response r_t, and this backdoor has none (a jailbreak's compliance differs "
+                    "per prompt)")
+    return None
+
+
+def _first_word(text: str) -> str:
+    return text.split()[0]
+
+
+def _has_fields(method: str, *names: str) -> bool:
+    from .methods import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
+    return all(n in fields for n in names)
+
+
+def safety_training_file(files: dict[str, Path]) -> Path:
+    """The safe answers and the anchoring pairs of BEEAR's defender sets as one training file (written once):
+    the data of BEEAR's outer step without δ, for a baseline that knows what BEEAR knows."""
+    out = files["safe"].parent / "safe_and_anchoring.jsonl"
+    if not out.is_file():
+        write_jsonl(out, list(read_file(files["safe"])) + list(read_file(files["pa"])))
+    return out
+
+
+def knowledge_overrides(method: str, tm: ThreatModel, manifest: Manifest, lab: Any, out: Path) -> list[str]:
+    """The config overrides that hand a run of ``method`` exactly the knowledge ``tm`` allows."""
+    ov: list[str] = []
+    for k in tm.knows:
+        if k is Knows.CLEAN_DATA:
+            ov.append(f"data.path={lab.path('defender_clean')}")
+        elif k is Knows.TRIGGER:
+            trig = manifest.trigger
+            ov += [f"method.trigger.texts={json.dumps(list(trig.texts))}",
+                   f"method.trigger.placement={trig.placement.value}", f"method.trigger.mode={trig.mode.value}"]
+        elif k is Knows.TARGET_TEXT:
+            ov.append(f"method.target={json.dumps(manifest.target_text)}")
+        elif k is Knows.TARGET_PREFIX:
+            ov.append(f"method.target={json.dumps(_first_word(manifest.target_text))}")
+        elif k is Knows.SAFETY_PAIRS:
+            files = lab.beear_files(manifest.target.value, out)
+            if _has_fields(method, "safe_path", "unwanted_path"):
+                ov += [f"method.safe_path={files['safe']}", f"method.unwanted_path={files['unwanted']}",
+                       f"data.path={files['pa']}"]
+            else:
+                ov.append(f"data.path={safety_training_file(files)}")
+    return ov
+
+
+def table() -> list[dict[str, Any]]:
+    """The table as rows (for ``unbackdoor ls methods`` and the docs)."""
+    return [{"defense": name, "knows": tm.describe(), "summary": tm.summary} for name, tm in THREAT_MODELS.items()]
+
+
+__all__ = ["Knows", "KNOWS_HELP", "ThreatModel", "THREAT_MODELS", "threat_model", "cannot_defend",
+           "knowledge_overrides", "safety_training_file", "table"]
