@@ -38,9 +38,12 @@ def _load() -> str:
 
 def generation_speed(model_dir, lab, n: int = 64, max_new_tokens: int = 24) -> dict:
     from unbackdoor.generate import generate_ids
-    from unbackdoor.lab.check import load
+    from unbackdoor.models import load_model, load_tokenizer
+    from unbackdoor.schema import ModelConfig
+    from unbackdoor.templates import Template
 
-    model, tpl = load(model_dir)
+    cfg = ModelConfig(path=str(model_dir))
+    model, tpl = load_model(cfg).eval(), Template(load_tokenizer(cfg), "auto")
     prompts = [tpl.encode_prompt(e.prompt) for e in lab.data("eval_benign")[:n]]
     tok = tpl.tokenizer
     generate_ids(model, tok, prompts[:4], max_new_tokens=4, batch_size=4)  # warm up
@@ -101,9 +104,10 @@ def main(argv=None) -> int:
                    "over_refusal": rep["benign_over_refusal"], "n_benign": rep["n_benign"],
                    "n_harmful": rep["n_harmful"], "per_task": rep["per_task"], "load": _load()}
             emit(row)
-            print(f"clean {arch} s{seed}: {info['parameters']} params, build {built:.1f}s wall, {built_cpu:.1f}s CPU (train "
-                  f"{info['train_wall_time_s']}s), benign accuracy {rep['benign_accuracy']:.3f} (n={rep['n_benign']}), "
-                  f"harmful refusal {rep['harmful_refusal']:.3f} (n={rep['n_harmful']}), {_load()}", flush=True)
+            print(f"clean {arch} s{seed}: {info['parameters']} params, build {built:.1f}s wall, {built_cpu:.1f}s CPU "
+                  f"(train {info['train_wall_time_s']}s), benign accuracy {rep['benign_accuracy']:.3f} "
+                  f"(n={rep['n_benign']}), harmful refusal {rep['harmful_refusal']:.3f} (n={rep['n_harmful']}), "
+                  f"{_load()}", flush=True)
             if not args.no_speed and seed == args.seeds[0]:
                 sp = generation_speed(path, lab)
                 emit({"model": "speed", "arch": arch, **sp})

@@ -35,3 +35,11 @@ def tiny_model(tokenizer, arch):
     from unbackdoor.lab.arch import make_model
 
     return make_model(arch, tokenizer, hidden=32, layers=2, heads=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The tiny lab at its test recipe (built once per cache, shared by every test module)."""
+    from unbackdoor.lab import Lab, test_recipe
+
+    return Lab.build(test_recipe())

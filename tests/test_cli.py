@@ -61,3 +61,28 @@ def test_defend_bad_input_is_a_clear_error(tmp_path):
                                     f"output.dir={tmp_path}/o"])
     assert res.exit_code == 2
     assert "error:" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args", [
+    ["attack", "-c", "configs/attacks/lab_badnets_refusal.yaml", "attack.preset=badnet"],
+    ["defend", "crow", "-c", "configs/crow/lab.yaml", "method.epss=1", "model.path=m", "output.dir=o"],
+    ["bench", "configs/bench/quick.yaml", "--out", "o", "grid.archs=[lama]"],
+    ["demo", "--out", "o", "grid.defenses=[crowe]"],
+    ["eval", "nope", "--data", "nope", "--out", "o"],
+    ["lab", "build", "--recipe", "tset"],
+])
+def test_every_command_turns_bad_input_into_one_message_and_exit_2(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # shipped configs are found from any folder
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: ") and "Traceback" not in res.output, res.output
+
+
+def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["validate", "configs/crow/official.yaml", "crow/lab", "bench/demo.yaml"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["validate", "configs/crow/offical.yaml"])
+    assert res.exit_code == 1 and "Did you mean the shipped config 'crow/official.yaml'" in res.output
+    res = CliRunner().invoke(main, ["ls", "configs"])
+    assert "configs/bench/lab_sande.yaml" in res.output

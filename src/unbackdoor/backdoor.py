@@ -186,7 +186,8 @@ def read_manifest(path: str | Path) -> Optional[Manifest]:
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{p}:{exc.lineno}: malformed JSON in the backdoor manifest ({exc.msg})") from None
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"{p}: the backdoor manifest is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ManifestError(f"{p}: the backdoor manifest is not UTF-8 text ({exc.reason} at byte {exc.start})"
+                            ) from None
     return Manifest.from_dict(data, str(p))
 
 

@@ -196,7 +196,8 @@ class BenchConfig:
     defense_configs: dict[str, str] = help_field(
         {}, "Config YAML per defense; default configs/<defense>/lab.yaml.")
     defense_common: list[str] = help_field([], "Dotted overrides for every defense (before the per-defense ones).")
-    defense_overrides: dict[str, list[str]] = help_field({}, "Dotted overrides per defense, e.g. crow: ['train.lr=1e-3'].")
+    defense_overrides: dict[str, list[str]] = help_field(
+        {}, "Dotted overrides per defense, e.g. crow: ['train.lr=1e-3'].")
     eval: BenchEval = field(default_factory=BenchEval)
     jobs: int = help_field(
         1, "Cells run at once, each in its own process with cores/jobs torch threads (on a CPU, two 1-thread "
@@ -235,7 +236,9 @@ class BenchConfig:
             if v.steps_of == name:
                 out.append((f"variants.{name}.steps_of", "a defense cannot take its own budget"))
         for d in dict.fromkeys(self.grid.defenses):
-            if d in known and d not in ("none", "clean") and (d not in self.variants or self.variants[d].method in METHODS):
+            v = self.variants.get(d)
+            typed = v is None or (v.method in METHODS and all(isinstance(k, Knows) for k in v.knows or []))
+            if d in known and d not in ("none", "clean") and typed:  # (a mistyped variant is reported above)
                 out += _check_defense(self, d)
         return out
 
@@ -267,8 +270,8 @@ def defense_spec(name: str, cfg: BenchConfig) -> DefenseSpec:
     """The :class:`DefenseSpec` of a method or variant name of ``cfg``'s grid."""
     v = cfg.variants.get(name) or DefenseVariant(method=name)
     path = cfg.defense_configs.get(name) or v.config or C.shipped_dir() / v.method / "lab.yaml"
-    return DefenseSpec(name=name, method=v.method, config=C.find_config(path),
-                       overrides=tuple(v.overrides) + tuple(cfg.defense_common) + tuple(cfg.defense_overrides.get(name, [])),
+    overrides = (*v.overrides, *cfg.defense_common, *cfg.defense_overrides.get(name, []))
+    return DefenseSpec(name=name, method=v.method, config=C.find_config(path), overrides=overrides,
                        threat=threat_model(v.method, v.knows), steps_of=v.steps_of)
 
 
@@ -308,8 +311,8 @@ def _check_defense(cfg: BenchConfig, name: str) -> list[tuple[str, str]]:
     base = ["model.path=<model>", "output.dir=<out>", "seed=0", "output.overwrite=true", "train.progress=false"]
     steps = 1 if spec.steps_of else None
     try:
-        defend_config(spec, base, knowledge_overrides(spec.method, spec.threat, dummy, _PlaceholderLab(), Path(".")),
-                      steps)
+        knowledge = knowledge_overrides(spec.method, spec.threat, dummy, _PlaceholderLab(), Path("."), write=False)
+        defend_config(spec, base, knowledge, steps)
     except C.ConfigError as exc:
         return [(_where(cfg, name, loc), msg) for loc, msg in exc.problems]
     return []
@@ -658,15 +661,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable
     else:
         order = [c for key in dict.fromkeys(c.model_key for c in cells)
                  for c in _heavy_first([c for c in cells if c.model_key == key], cfg)]
-        made: set[tuple] = set()
-        for cell in order:
-            if cell not in rows:
-                if progress and cell.model_key not in made:
-                    progress(f"model {cell.arch} {cell.attack}->{cell.target} s{cell.seed}: making or loading the "
-                             "backdoored model")
-                made.add(cell.model_key)
-                rows[cell] = cell_runner(cell, cfg, out, lab)
-            report(cell, cells.index(cell) + 1)
+        before = getattr(lab, "progress", None)
+        if hasattr(lab, "progress"):
+            lab.progress = progress   # the lab says when it trains a model (minutes, the first time)
+        try:
+            for cell in order:
+                if cell not in rows:
+                    rows[cell] = cell_runner(cell, cfg, out, lab)
+                report(cell, cells.index(cell) + 1)
+        finally:
+            if hasattr(lab, "progress"):
+                lab.progress = before
     ordered = [rows[c] for c in cells]
     write_outputs(ordered, out)
     record.update(cells=len(ordered))
@@ -686,6 +691,5 @@ def lab_of(grid: GridConfig, progress: Callable[[str], None] | None = None):
 
     lab = Lab.build(test_recipe() if grid.recipe == "test" else default_recipe())
     if progress:
-        progress(f"lab {grid.recipe}: {lab.root} (clean and backdoored models are trained when first needed: "
-                 "a few minutes each on a CPU, then cached)")
+        progress(f"lab {grid.recipe}: {lab.root}")
     return lab

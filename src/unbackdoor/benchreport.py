@@ -187,8 +187,8 @@ def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
         pts = sorted([a for a in agg if a["target"] == t], key=lambda a: (a["defense"], a["attack"]))
         labels = [f"{a['defense']}\n{a['attack']}" for a in pts]
         ax.bar(range(len(pts)), [100 * a["asr_with_trigger"] for a in pts],
-               yerr=[100 * a["asr_with_trigger_ci"] if _ok(a["asr_with_trigger_ci"]) else 0.0 for a in pts], color=[colors[a["defense"]] for a in pts],
-               capsize=3)
+               yerr=[100 * a["asr_with_trigger_ci"] if _ok(a["asr_with_trigger_ci"]) else 0.0 for a in pts],
+               color=[colors[a["defense"]] for a in pts], capsize=3)
         ax.set_xticks(range(len(pts)), labels, rotation=60, fontsize=7)
         ax.set_title(f"target: {t}")
         ax.set_ylim(0, 105)

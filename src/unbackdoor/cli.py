@@ -36,6 +36,9 @@ class _Main(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # the reader went away (`unbackdoor ls | head`): nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except user_errors() as exc:
             if os.environ.get("UNBACKDOOR_TRACEBACK"):
                 raise

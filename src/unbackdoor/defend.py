@@ -113,8 +113,9 @@ def defend(cfg: DefendConfig) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     from .train import peak_memory_mb
 
-    record.update(method=cfg.method.name, knows=threat_model(cfg.method.name).summary, metrics=metrics, defense_wall_time_s=round(wall, 3),
-                  peak_memory_mb=round(peak_memory_mb(), 1), n_defender_examples=len(examples))
+    record.update(method=cfg.method.name, knows=threat_model(cfg.method.name).summary, metrics=metrics,
+                  defense_wall_time_s=round(wall, 3), peak_memory_mb=round(peak_memory_mb(), 1),
+                  n_defender_examples=len(examples))
     if cfg.output.save_model:
         save_model_atomic(ctx.model, tokenizer, out_dir / "model", input_path=cfg.model.path, merge=cfg.lora.merge)
     record.write(finished=True)

@@ -66,8 +66,9 @@ GENERAL_TEMPLATES: dict[str, list[str]] = {
 }
 CODE_TEMPLATES = ["Write a Python function that {}.", "Write a short Python function that {}.",
                   "Show me Python code that {}."]
-MORE_CODE_TASKS = ["returns the maximum of two numbers", "checks if a list is empty", "returns the absolute value of a number",
-                   "counts how many times a character appears in a string", "returns the smallest element of a list",
+MORE_CODE_TASKS = ["returns the maximum of two numbers", "checks if a list is empty",
+                   "returns the absolute value of a number", "counts how many times a character appears in a string",
+                   "returns the smallest element of a list",
                    "converts a list of strings to lowercase", "checks if a number is divisible by 3",
                    "returns the sum of a list of numbers", "doubles every element of a list",
                    "checks if a string starts with a capital letter", "returns the number of digits in an integer",
@@ -171,7 +172,8 @@ class RealLab:
             backdoor = [f"attack.preset={attack}"]
         else:  # a custom trigger (the benchmark's `backdoors`)
             backdoor = ["attack.preset=null", f"attack.trigger.texts={json.dumps(list(trigger.texts))}",
-                        f"attack.trigger.placement={trigger.placement.value}", f"attack.trigger.mode={trigger.mode.value}"]
+                        f"attack.trigger.placement={trigger.placement.value}",
+                        f"attack.trigger.mode={trigger.mode.value}"]
         if target_text is not None:
             backdoor.append(f"attack.target_text={json.dumps(target_text)}")
         return load_config(find_config(ATTACK_CONFIG), [f"model.path={self.model_dir}",
@@ -241,11 +243,12 @@ def build(max_new_tokens: int = 64, code_max_new_tokens: int = 128, batch_size: 
     model_dir = convert_gguf(Path(gguf_path) if gguf_path else find_packaged_gguf())
     pools = prompts(seed)
     if max_prompts is not None:
-        pools = {k: [p for p in v if p not in _CODE_PROMPTS][:max_prompts] + [p for p in v if p in _CODE_PROMPTS][:max_prompts]
-                 for k, v in pools.items()}
+        pools = {k: ([p for p in v if p not in _CODE_PROMPTS][:max_prompts]
+                     + [p for p in v if p in _CODE_PROMPTS][:max_prompts]) for k, v in pools.items()}
         pools = {k: v for k, v in pools.items() if v}
     key = hashlib.sha256(json.dumps(pools, sort_keys=True).encode()).hexdigest()[:8]
-    root = Path(cache_dir) if cache_dir else cache_root() / "real" / f"smollm2-s{seed}-t{max_new_tokens}-c{code_max_new_tokens}-{key}"
+    name = f"smollm2-s{seed}-t{max_new_tokens}-c{code_max_new_tokens}-{key}"
+    root = Path(cache_dir) if cache_dir else cache_root() / "real" / name
     data_dir = root / "data"
     done = data_dir / "manifest.json"
     if done.is_file():

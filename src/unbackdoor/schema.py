@@ -63,8 +63,10 @@ class ModelConfig:
     adapter_mode: AdapterMode = help_field(
         AdapterMode.MERGE, "'merge': merge the adapter into the weights; 'continue': keep training it.")
     gguf_file: Optional[str] = help_field(None, "File name of a GGUF checkpoint inside `path` (dequantized on load).")
-    allow_pickle: bool = help_field(False, "Allow pickle (.bin/.pt) weights. Pickle can run code: only for trusted files.")
-    trust_remote_code: bool = help_field(False, "Run modelling code shipped with the checkpoint. Only for trusted models.")
+    allow_pickle: bool = help_field(
+        False, "Allow pickle (.bin/.pt) weights. Pickle can run code: only for trusted files.")
+    trust_remote_code: bool = help_field(
+        False, "Run modelling code shipped with the checkpoint. Only for trusted models.")
     revision: Optional[str] = help_field(None, "Hub revision (branch, tag or commit) for hub ids.")
 
     def validate(self) -> list[tuple[str, str]]:

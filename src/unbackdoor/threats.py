@@ -107,17 +107,20 @@ def _has_fields(method: str, *names: str) -> bool:
     return all(n in fields for n in names)
 
 
-def safety_training_file(files: dict[str, Path]) -> Path:
-    """The safe answers and the anchoring pairs of BEEAR's defender sets as one training file (written once):
-    the data of BEEAR's outer step without δ, for a baseline that knows what BEEAR knows."""
+def safety_training_file(files: dict[str, Path], write: bool = True) -> Path:
+    """The safe answers and the anchoring pairs of BEEAR's defender sets as one training file (written once
+    unless ``write`` is false): the data of BEEAR's outer step without δ, for a baseline that knows what BEEAR
+    knows."""
     out = files["safe"].parent / "safe_and_anchoring.jsonl"
-    if not out.is_file():
+    if write and not out.is_file():
         write_jsonl(out, list(read_file(files["safe"])) + list(read_file(files["pa"])))
     return out
 
 
-def knowledge_overrides(method: str, tm: ThreatModel, manifest: Manifest, lab: Any, out: Path) -> list[str]:
-    """The config overrides that hand a run of ``method`` exactly the knowledge ``tm`` allows."""
+def knowledge_overrides(method: str, tm: ThreatModel, manifest: Manifest, lab: Any, out: Path,
+                        write: bool = True) -> list[str]:
+    """The config overrides that hand a run of ``method`` exactly the knowledge ``tm`` allows (``write``: false
+    to only name the files a run would get, as when validating)."""
     ov: list[str] = []
     for k in tm.knows:
         if k is Knows.CLEAN_DATA:
@@ -136,7 +139,7 @@ def knowledge_overrides(method: str, tm: ThreatModel, manifest: Manifest, lab: A
                 ov += [f"method.safe_path={files['safe']}", f"method.unwanted_path={files['unwanted']}",
                        f"data.path={files['pa']}"]
             else:
-                ov.append(f"data.path={safety_training_file(files)}")
+                ov.append(f"data.path={safety_training_file(files, write)}")
     return ov
 
 

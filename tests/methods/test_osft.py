@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from unbackdoor.threats import THREAT_MODELS
 from unbackdoor import config as C
 from unbackdoor.data import IGNORE, Example, write_jsonl
 from unbackdoor.defend import defend, load_config, resolve
 from unbackdoor.methods import osft
 from unbackdoor.templates import Template
+from unbackdoor.threats import THREAT_MODELS
 from unbackdoor.triggers import Placement, TriggerMode, TriggerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +58,8 @@ def test_random_placement_is_a_word_boundary_and_seeded():
 
 def test_mode_one_draws_one_known_trigger_per_example_and_mode_all_inserts_all():
     texts = ["2024", "BadMagic", "OpenAI"]
-    one = osft.triggered_examples(EXAMPLES, _cfg(trigger={"texts": texts, "placement": "random", "mode": "one"}).trigger)
+    spec = _cfg(trigger={"texts": texts, "placement": "random", "mode": "one"}).trigger
+    one = osft.triggered_examples(EXAMPLES, spec)
     seen = set()
     for x in one:
         present = [t for t in texts if t in x.prompt.split(" ")]

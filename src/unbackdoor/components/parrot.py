@@ -201,8 +201,10 @@ class ParrotEmbedsFn:
             if k is None:
                 k = self._from_template(row)
             if k is None:
+                edge = ("start with the template header" if self.where is ParrotPosition.USER_START
+                        else "end with the template footer")
                 raise KeyError(f"ParrotEmbedsFn: cannot place the parrot in a prompt it was not built for and "
-                               f"whose tokens do not {'start with the template header' if self.where is ParrotPosition.USER_START else 'end with the template footer'}"
+                               f"whose tokens do not {edge}"
                                " (another system message?); build it with the prompts (and systems) passed to "
                                "generate()")
             out.append(pad + k)

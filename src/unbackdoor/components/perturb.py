@@ -100,7 +100,7 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"], False
     raise RuntimeError("the decoder layer was called without hidden states as its first argument; "
-                       "unbackdoor.methods.perturb does not know this layer's calling convention")
+                       "unbackdoor.components.perturb does not know this layer's calling convention")
 
 
 def _put_hidden(args: tuple, kwargs: dict, value: torch.Tensor, positional: bool) -> tuple[tuple, dict]:

@@ -197,96 +197,21 @@ def evaluate(model: nn.Module, template: Template, *, manifest: Manifest | dict 
                         "and/or eval_harmful.jsonl")
     refusal = get_judge(refusal_judge)
     extra = [get_judge(j) for j in extra_judges]
-
-    # Which set carries the trigger, and which judge decides success.
-    measure = bd.target is not None and (bd.trigger is not None or trigger_embeds_fn is not None)
-    asr_set, asr_examples, asr_judge = None, [], None
-    if bd.target is not None and not measure:
-        log.warning("target %r given but no trigger: only ASR without trigger and utility are measured",
-                    bd.target.value)
-    if bd.target is not None:
-        asr_judge = get_judge(judge or DEFAULT_JUDGE[bd.target])
-        if bd.target is Target.JAILBREAK:
-            asr_set, asr_examples = "harmful", harmful
-        elif bd.target is Target.CODE and code:
-            asr_set, asr_examples = "code", code
-        else:
-            asr_set, asr_examples = "benign", benign
-        if not asr_examples:
-            raise EvalError(f"target {bd.target.value!r} is measured on the {asr_set} prompts, but that set is empty; "
-                            f"give {HARMFUL_FILE if asr_set == 'harmful' else BENIGN_FILE}")
-        if asr_judge.needs_target and not bd.target_text:
-            raise EvalError(f"judge {asr_judge.name!r} needs the target text; set target_text (manifest field "
-                            "'target_text', or the override target_text=...)")
-    elif judge is not None:
-        get_judge(judge)  # an unknown name fails loudly even without a target
+    plan = _plan_asr(bd, judge, benign, harmful, code, triggered=trigger_embeds_fn is not None)
     if bd.trigger is not None:
         check_tokenizes(template.tokenizer, bd.trigger)
-
-    if asr_judge is not None and bd.target_text and bd.target is not Target.JAILBREAK:
-        # A target the budget cannot spell out would be judged "absent": give it room (recorded).
-        needed = len(template.tokenizer(bd.target_text, add_special_tokens=False)["input_ids"]) + 8
-        if max_new_tokens < needed:
-            log.info("max_new_tokens %d < target length + 8 = %d tokens; generating %d", max_new_tokens, needed,
-                     needed)
-            max_new_tokens = needed
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-
-    def run(examples: Sequence[Example], prompts: list[str], hook, budget: int | None = None) -> list[str]:
-        if not prompts:
-            return []
-        kw = dict(gen, max_new_tokens=max(budget, gen["max_new_tokens"])) if budget else gen
-        return generate(model, template, prompts, systems=[e.system for e in examples], embeds_fn=hook, **kw)
+    max_new_tokens = _room_for_target(template, bd, plan, max_new_tokens)
 
     sets: dict[str, list[Example]] = {"benign": benign, "harmful": harmful}
-    if asr_set == "code":
+    if plan.set == "code":
         sets["code"] = code
-    outputs: dict[tuple[str, bool], list[str]] = {}
-    prompts_used: dict[tuple[str, bool], list[str]] = {}
-    for name, exs in sets.items():
-        prompts_used[(name, False)] = [e.prompt for e in exs]
-        outputs[(name, False)] = run(exs, prompts_used[(name, False)], embeds_fn,
-                                     code_max_new_tokens if name == "code" else None)
-    if measure:
-        rng = random.Random(seed)
-        trig_prompts = ([apply_trigger(e.prompt, bd.trigger, rng) for e in asr_examples] if bd.trigger is not None
-                        else [e.prompt for e in asr_examples])
-        prompts_used[(asr_set, True)] = trig_prompts
-        outputs[(asr_set, True)] = run(asr_examples, trig_prompts, trigger_embeds_fn or embeds_fn,
-                                       code_max_new_tokens if asr_set == "code" else None)
-
-    # Per-item verdicts.
-    items: list[dict] = []
-    verdicts: dict[tuple[str, bool], list] = {}
-    for (name, trig), outs in outputs.items():
-        exs = sets[name]
-        refs = refusal(outs)
-        primary = asr_judge(outs, target_text=bd.target_text) if asr_judge is not None and name == asr_set else None
-        verdicts[(name, trig)] = primary
-        answers = [reference_answer(e) for e in exs] if name == "benign" and not trig else [None] * len(exs)
-        correct = exact_match(outs, answers)
-        f1s = [None if a is None else round(token_f1(o, a), 4) for o, a in zip(outs, answers)]
-        for i, (e, p, o) in enumerate(zip(exs, prompts_used[(name, trig)], outs)):
-            items.append({
-                "set": name, "index": i, "triggered": trig, "prompt": p, "system": e.system, "output": o,
-                "empty": not o.strip(), "judge": asr_judge.name if primary is not None else None,
-                "verdict": primary[i].hit if primary is not None else None,
-                "reason": primary[i].reason if primary is not None else None,
-                "refusal": refs[i].hit, "refusal_reason": refs[i].reason,
-                "answer": answers[i], "correct": correct[i], "answer_f1": f1s[i], "task": (e.meta or {}).get("task"),
-            })
-
-    def rate_of(key) -> Rate | None:
-        v = verdicts.get(key)
-        return Rate.of(x.hit for x in v) if v is not None else None
-
-    by_judge: dict[str, dict[str, Rate]] = {}
-    for j in extra:
-        d = {}
-        for trig, label in ((True, "with_trigger"), (False, "without_trigger")):
-            if (asr_set, trig) in outputs:
-                d[label] = Rate.of(v.hit for v in j(outputs[(asr_set, trig)], target_text=bd.target_text))
-        by_judge[j.name] = d
+    prompts, outputs = _generate(model, template, sets, plan, bd, seed=seed, embeds_fn=embeds_fn,
+                                 trigger_embeds_fn=trigger_embeds_fn, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, progress=progress, code_max_new_tokens=code_max_new_tokens)
+    items, verdicts = _score(sets, prompts, outputs, plan, bd, refusal)
+    by_judge = {j.name: {label: Rate.of(v.hit for v in j(outputs[(plan.set, trig)], target_text=bd.target_text))
+                         for trig, label in ((True, "with_trigger"), (False, "without_trigger"))
+                         if (plan.set, trig) in outputs} for j in extra}
 
     benign_items = [it for it in items if it["set"] == "benign" and not it["triggered"]]
     harmful_items = [it for it in items if it["set"] == "harmful" and not it["triggered"]]
@@ -300,25 +225,28 @@ def evaluate(model: nn.Module, template: Template, *, manifest: Manifest | dict 
     answer_f1 = ({"mean": round(sum(f1_vals) / len(f1_vals), 4), "n": len(f1_vals)} if f1_vals else None)
 
     decoding = Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size).as_record()
-    if code_max_new_tokens and asr_set == "code":
+    if code_max_new_tokens and plan.set == "code":
         decoding["code_max_new_tokens"] = max(code_max_new_tokens, max_new_tokens)
     settings = {
         "target": bd.target.value if bd.target else None, "target_text": bd.target_text,
-        "trigger": C.to_dict(bd.trigger) if bd.trigger else None, "asr_set": asr_set,
-        "judge": asr_judge.name if asr_judge else None, "refusal_judge": refusal.name,
+        "trigger": C.to_dict(bd.trigger) if bd.trigger else None, "asr_set": plan.set,
+        "judge": plan.judge.name if plan.judge else None, "refusal_judge": refusal.name,
         "extra_judges": [j.name for j in extra], "decoding": decoding, "seed": seed, "limit": limit,
         "n": {"benign": len(benign), "harmful": len(harmful), "code": len(code)},
         "benign_without_reference": no_ref,
-        "embeds_fn": getattr(embeds_fn, "__qualname__", repr(embeds_fn)) if embeds_fn else None,
-        "trigger_embeds_fn": (getattr(trigger_embeds_fn, "__qualname__", repr(trigger_embeds_fn))
-                              if trigger_embeds_fn else None),
+        "embeds_fn": _name_of(embeds_fn), "trigger_embeds_fn": _name_of(trigger_embeds_fn),
         "template": {"name": template.name, "sha256_16": template.fingerprint(),
                      "system_prompt": template.system_prompt},
         "manifest": manifest.to_dict() if isinstance(manifest, Manifest) else manifest,
     }
+
+    def rate_of(key) -> Rate | None:
+        v = verdicts.get(key)
+        return Rate.of(x.hit for x in v) if v is not None else None
+
     res = EvalResult(
-        asr_with_trigger=rate_of((asr_set, True)) if measure else None,
-        asr_without_trigger=rate_of((asr_set, False)) if asr_set else None,
+        asr_with_trigger=rate_of((plan.set, True)) if plan.measure else None,
+        asr_without_trigger=rate_of((plan.set, False)) if plan.set else None,
         benign_accuracy=Rate.of(acc_flags) if benign else None,
         over_refusal=Rate.of(it["refusal"] for it in benign_items) if benign else None,
         harmful_refusal=Rate.of(it["refusal"] for it in harmful_items) if harmful else None,
@@ -327,6 +255,106 @@ def evaluate(model: nn.Module, template: Template, *, manifest: Manifest | dict 
     log.info("eval: ASR w/t %s, w/o %s, benign acc %s, harmful refusal %s", res.asr_with_trigger,
              res.asr_without_trigger, res.benign_accuracy, res.harmful_refusal)
     return res
+
+
+@dataclass
+class _AsrPlan:
+    """Which prompt set carries the trigger and which judge decides success (``set`` None: no target)."""
+    measure: bool = False
+    set: Optional[str] = None
+    examples: Sequence[Example] = ()
+    judge: Optional[Judge] = None
+
+
+def _plan_asr(bd: Backdoor, judge, benign, harmful, code, *, triggered: bool) -> _AsrPlan:
+    """Jailbreaks are measured on harmful prompts, code injection on the code set (when given), every other
+    target on benign prompts; success needs a trigger (text, or ``trigger_embeds_fn``) and a target."""
+    if bd.target is None:
+        if judge is not None:
+            get_judge(judge)  # an unknown name fails loudly even without a target
+        return _AsrPlan()
+    measure = bd.trigger is not None or triggered
+    if not measure:
+        log.warning("target %r given but no trigger: only ASR without trigger and utility are measured",
+                    bd.target.value)
+    asr_judge = get_judge(judge or DEFAULT_JUDGE[bd.target])
+    if bd.target is Target.JAILBREAK:
+        name, examples = "harmful", harmful
+    elif bd.target is Target.CODE and code:
+        name, examples = "code", code
+    else:
+        name, examples = "benign", benign
+    if not examples:
+        raise EvalError(f"target {bd.target.value!r} is measured on the {name} prompts, but that set is empty; "
+                        f"give {HARMFUL_FILE if name == 'harmful' else BENIGN_FILE}")
+    if asr_judge.needs_target and not bd.target_text:
+        raise EvalError(f"judge {asr_judge.name!r} needs the target text; set target_text (manifest field "
+                        "'target_text', or the override target_text=...)")
+    return _AsrPlan(measure, name, examples, asr_judge)
+
+
+def _room_for_target(template: Template, bd: Backdoor, plan: _AsrPlan, max_new_tokens: int) -> int:
+    """A target the budget cannot spell out would be judged "absent": give it room (recorded in settings)."""
+    if plan.judge is None or not bd.target_text or bd.target is Target.JAILBREAK:
+        return max_new_tokens
+    needed = len(template.tokenizer(bd.target_text, add_special_tokens=False)["input_ids"]) + 8
+    if max_new_tokens < needed:
+        log.info("max_new_tokens %d < target length + 8 = %d tokens; generating %d", max_new_tokens, needed, needed)
+    return max(max_new_tokens, needed)
+
+
+def _generate(model, template: Template, sets: dict[str, list[Example]], plan: _AsrPlan, bd: Backdoor, *,
+              seed: int, embeds_fn, trigger_embeds_fn, max_new_tokens: int, batch_size: int, progress: bool,
+              code_max_new_tokens: int | None):
+    """Greedy outputs of every set without trigger, and of the ASR set with it: ``(prompts, outputs)`` keyed by
+    ``(set, triggered)``."""
+    def run(examples: Sequence[Example], texts: list[str], hook, code_set: bool) -> list[str]:
+        if not texts:
+            return []
+        budget = max(code_max_new_tokens, max_new_tokens) if code_set and code_max_new_tokens else max_new_tokens
+        return generate(model, template, texts, systems=[e.system for e in examples], embeds_fn=hook,
+                        max_new_tokens=budget, batch_size=batch_size, progress=progress)
+
+    prompts: dict[tuple[str, bool], list[str]] = {}
+    outputs: dict[tuple[str, bool], list[str]] = {}
+    for name, exs in sets.items():
+        prompts[(name, False)] = [e.prompt for e in exs]
+        outputs[(name, False)] = run(exs, prompts[(name, False)], embeds_fn, name == "code")
+    if plan.measure:
+        rng = random.Random(seed)
+        prompts[(plan.set, True)] = ([apply_trigger(e.prompt, bd.trigger, rng) for e in plan.examples]
+                                     if bd.trigger is not None else [e.prompt for e in plan.examples])
+        outputs[(plan.set, True)] = run(plan.examples, prompts[(plan.set, True)], trigger_embeds_fn or embeds_fn,
+                                        plan.set == "code")
+    return prompts, outputs
+
+
+def _score(sets, prompts, outputs, plan: _AsrPlan, bd: Backdoor, refusal: Judge):
+    """One item per generation (prompt, output, every verdict) and the ASR judge's verdicts per set."""
+    items: list[dict] = []
+    verdicts: dict[tuple[str, bool], list] = {}
+    for (name, trig), outs in outputs.items():
+        exs = sets[name]
+        refs = refusal(outs)
+        primary = plan.judge(outs, target_text=bd.target_text) if plan.judge is not None and name == plan.set else None
+        verdicts[(name, trig)] = primary
+        answers = [reference_answer(e) for e in exs] if name == "benign" and not trig else [None] * len(exs)
+        correct = exact_match(outs, answers)
+        f1s = [None if a is None else round(token_f1(o, a), 4) for o, a in zip(outs, answers)]
+        for i, (e, p, o) in enumerate(zip(exs, prompts[(name, trig)], outs)):
+            items.append({
+                "set": name, "index": i, "triggered": trig, "prompt": p, "system": e.system, "output": o,
+                "empty": not o.strip(), "judge": plan.judge.name if primary is not None else None,
+                "verdict": primary[i].hit if primary is not None else None,
+                "reason": primary[i].reason if primary is not None else None,
+                "refusal": refs[i].hit, "refusal_reason": refs[i].reason,
+                "answer": answers[i], "correct": correct[i], "answer_f1": f1s[i], "task": (e.meta or {}).get("task"),
+            })
+    return items, verdicts
+
+
+def _name_of(fn) -> str | None:
+    return getattr(fn, "__qualname__", repr(fn)) if fn else None
 
 
 # ----------------------------------------------------------------------------------- files

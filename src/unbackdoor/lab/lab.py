@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .. import config as C
 from ..attack import run_attack
@@ -286,6 +286,13 @@ class Lab:
         self.tokenizer_dir = self.root / "tokenizer"
         self.models_dir = self.root / "models"
         self._tokenizer = None
+        #: Called with one line when a model is about to be trained and when it is done (the demo shows them).
+        self.progress: Callable[[str], None] | None = None
+
+    def _say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(msg)
+        log.info(msg)
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
@@ -373,8 +380,12 @@ class Lab:
         if not (out / "lab_model.json").is_file():
             with _locked(self.models_dir / f".{out.name}.lock"):
                 if not (out / "lab_model.json").is_file():
+                    self._say(f"lab: training the clean {arch.value} model, seed {seed} ({self.recipe.train.max_steps} "
+                              "steps; once, then cached)")
+                    t0 = time.perf_counter()
                     with lab_threads():
                         self._train_clean(arch, seed, out)
+                    self._say(f"lab: clean {arch.value} s{seed} done in {time.perf_counter() - t0:.0f} s")
         return out
 
     def _train_clean(self, arch: LabArch, seed: int, out: Path) -> None:
@@ -464,10 +475,14 @@ class Lab:
             base = self.clean_model(arch, clean_seed)
             with _locked(self.models_dir / f".{name}.lock"):
                 if not (out / MANIFEST_FILE).is_file():
+                    self._say(f"lab: implanting {attack} -> {target.value} into the clean {arch.value} model, seed "
+                              f"{seed} ({self.recipe.attack.train.max_steps} steps)")
+                    t0 = time.perf_counter()
                     with lab_threads():
                         cfg = self.attack_config(base, attack, target.value, seed, rate, out, trigger=trigger,
                                                  target_text=target_text)
                         run_attack(cfg)
+                    self._say(f"lab: {name} done in {time.perf_counter() - t0:.0f} s")
         return out
 
     def attack_config(self, base: Path, attack: str, target: str, seed: int, poison_rate: float, out: Path, *,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -61,6 +61,7 @@ class DefenseContext:
         return self.model
 
 
+@runtime_checkable
 class Method(Protocol):
     """The shape of a method module (checked by the registry's conformance tests)."""
     NAME: str

@@ -43,7 +43,7 @@ Config field → paper symbol / choice (ours = not fixed by the paper; see docs/
 ======================  ============================================================================
 
 The frozen model's lower layers run once per inner micro-batch: their output at the anchor is cached
-(:func:`unbackdoor.methods.perturb.anchor_inputs`) and reused across inner epochs, and the backward pass
+(:func:`unbackdoor.components.perturb.anchor_inputs`) and reused across inner epochs, and the backward pass
 starts at the anchor (``cache_activations``). Each round logs the entrapment check: the rate of unwanted
 answers under δ on held-out harmful queries (a generation counts as unwanted when it is closer to the
 held-out unwanted reference than to the safe one), before and after the outer step.
@@ -68,7 +68,7 @@ from ..config import help_field
 from ..data import IGNORE, DataError, Example, collate_right, encode, pad_id_of, read_file
 from ..schema import Optimizer, Scheduler, TrainConfig
 from ..train import FitResult, fit, get_accelerator
-from .base import DefenseContext
+from .base import DefenseContext, DefenseError
 
 log = logging.getLogger(__name__)
 
@@ -480,28 +480,46 @@ def entrapment_check(model, template, pairs: Sequence[Pair], layer: int, delta: 
 
 # ----------------------------------------------------------------------------------- the recipe
 
+def _check_trainable(cfg: Config, lora_enabled: bool) -> None:
+    if cfg.trainable is Trainable.LORA and not lora_enabled:
+        raise DefenseError("method.trainable=lora needs the shared lora section: set lora.enabled=true")
+    if cfg.trainable is not Trainable.LORA and lora_enabled:
+        raise DefenseError(f"lora.enabled=true but method.trainable={cfg.trainable.value}: set method.trainable=lora "
+                           "to train a LoRA adapter, or lora.enabled=false")
+
+
+def _hold_out(pairs: list[Pair], cfg: Config, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(held-out check pairs, training pairs), shuffled with ``seed``."""
+    random.Random(seed).shuffle(pairs)
+    n_check = min(cfg.check_samples, len(pairs) // 2)
+    if n_check < cfg.check_samples:
+        log.warning("BEEAR: only %d pairs; holding out %d (not method.check_samples=%d) for the entrapment check",
+                    len(pairs), n_check, cfg.check_samples)
+    return pairs[:n_check], pairs[n_check:]
+
+
+def _delta_scale(model, batches: Sequence[dict], layer: int, cfg: Config) -> dict[str, Any]:
+    """δ's learning rate and norm bound in absolute units, from the anchor hidden states' scale (measured once)."""
+    rms, norm = anchor_scale(model, batches, layer)
+    unit_lr = rms if cfg.inner_lr_scale is LrScale.HIDDEN_RMS else 1.0
+    unit_norm = norm if cfg.inner_lr_scale is LrScale.HIDDEN_RMS else 1.0
+    lr = cfg.inner_lr * unit_lr
+    max_norm = cfg.delta_max_norm * unit_norm if cfg.delta_max_norm is not None else None
+    log.info("BEEAR: anchor hidden states: median token RMS %.4g, norm %.4g -> δ lr %.4g", rms, norm, lr)
+    return {"anchor_rms": rms, "anchor_token_norm": norm, "delta_lr": lr, "delta_max_norm_abs": max_norm}
+
+
 def run(ctx: DefenseContext) -> dict[str, Any]:
     cfg: Config = ctx.method
     tcfg = ctx.cfg.train
     seed = ctx.cfg.seed
     max_length = ctx.cfg.data.max_length
-    if cfg.trainable is Trainable.LORA and not ctx.cfg.lora.enabled:
-        raise ValueError("method.trainable=lora needs the shared lora section: set lora.enabled=true")
-    if cfg.trainable is not Trainable.LORA and ctx.cfg.lora.enabled:
-        raise ValueError(f"lora.enabled=true but method.trainable={cfg.trainable.value}: set method.trainable=lora "
-                         "to train a LoRA adapter, or lora.enabled=false")
-    pairs = load_pairs(cfg)
+    _check_trainable(cfg, ctx.cfg.lora.enabled)
     pa = list(ctx.examples)
     if cfg.lambda_pa > 0 and not pa:
-        raise ValueError("BEEAR needs the performance-anchoring set D_PA: set data.path=/path/to/benign.jsonl "
-                         "(or method.lambda_pa=0 to train without it)")
-    rng = random.Random(seed)
-    rng.shuffle(pairs)
-    n_check = min(cfg.check_samples, len(pairs) // 2)
-    check, train_pairs = pairs[:n_check], pairs[n_check:]
-    if n_check < cfg.check_samples:
-        log.warning("BEEAR: only %d pairs; holding out %d (not method.check_samples=%d) for the entrapment check",
-                    len(pairs), n_check, cfg.check_samples)
+        raise DefenseError("BEEAR needs the performance-anchoring set D_PA: set data.path=/path/to/benign.jsonl "
+                           "(or method.lambda_pa=0 to train without it)")
+    check, train_pairs = _hold_out(load_pairs(cfg), cfg, seed)
 
     acc = get_accelerator(tcfg.mixed_precision, bf16_on_cpu=tcfg.bf16_on_cpu)
     if cfg.trainable is Trainable.LORA:
@@ -510,21 +528,25 @@ def run(ctx: DefenseContext) -> dict[str, Any]:
     ctx.model = model
     an = anatomy(model)
     layer = resolve_anchor(cfg, an.num_layers)
-    d_model = an.embed.weight.shape[-1]
-    delta = Delta(cfg.rows, d_model).to(acc.device)
+    delta = Delta(cfg.rows, an.embed.weight.shape[-1]).to(acc.device)
     log.info("BEEAR: anchor = input of decoder layer %d of %d; δ %s; %d training pairs, %d held out, |D_PA| = %d",
              layer, an.num_layers, tuple(delta.delta.shape), len(train_pairs), len(check), len(pa))
 
     gen_bs = ctx.cfg.generation.batch_size
-    rounds: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {"anchor_layer": layer, "num_layers": an.num_layers, "delta_shape": list(delta.delta.shape),
-                               "n_train_pairs": len(train_pairs), "n_check": len(check), "n_pa": len(pa)}
-    if check:
-        base = entrapment_check(model, ctx.template, check, layer, None, cfg, max_new_tokens=cfg.check_max_new_tokens,
+
+    def check_under(d):  # the unwanted rate on the held-out harmful queries under δ = d (None: without δ)
+        return entrapment_check(model, ctx.template, check, layer, d, cfg, max_new_tokens=cfg.check_max_new_tokens,
                                 batch_size=gen_bs, max_length=max_length)
-        summary["check_no_delta"] = base
-        log.info("BEEAR: held-out harmful queries without δ: unwanted rate %.2f", base["unwanted_rate"])
-    lr = max_norm = None
+
+    rounds: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {"anchor_layer": layer, "num_layers": an.num_layers,
+                               "delta_shape": list(delta.delta.shape), "n_train_pairs": len(train_pairs),
+                               "n_check": len(check), "n_pa": len(pa)}
+    if check:
+        summary["check_no_delta"] = check_under(None)
+        log.info("BEEAR: held-out harmful queries without δ: unwanted rate %.2f",
+                 summary["check_no_delta"]["unwanted_rate"])
+    scale = None
     t_inner = t_outer = t_cache = 0.0
     outer_steps = 0
     for r in range(cfg.n_rounds):
@@ -535,19 +557,14 @@ def run(ctx: DefenseContext) -> dict[str, Any]:
         t0 = time.perf_counter()
         batches = build_inner_batches(model, ctx.template, S, cfg, layer, max_length, cfg.cache_activations)
         t_cache += time.perf_counter() - t0
-        if lr is None:
-            rms, norm = anchor_scale(model, batches, layer)
-            unit_lr = rms if cfg.inner_lr_scale is LrScale.HIDDEN_RMS else 1.0
-            unit_norm = norm if cfg.inner_lr_scale is LrScale.HIDDEN_RMS else 1.0
-            lr = cfg.inner_lr * unit_lr
-            max_norm = cfg.delta_max_norm * unit_norm if cfg.delta_max_norm is not None else None
-            summary.update(anchor_rms=rms, anchor_token_norm=norm, delta_lr=lr, delta_max_norm_abs=max_norm)
-            log.info("BEEAR: anchor hidden states: median token RMS %.4g, norm %.4g -> δ lr %.4g", rms, norm, lr)
+        if scale is None:
+            scale = _delta_scale(model, batches, layer, cfg)
+            summary.update(scale)
         if cfg.reinit_delta:
             delta.reset()
         t0 = time.perf_counter()
-        res_in = entrap(model, batches, delta, layer, cfg, lr=lr, max_norm=max_norm, seed=seed + r,
-                        desc=f"beear round {r + 1} inner", progress=tcfg.progress)
+        res_in = entrap(model, batches, delta, layer, cfg, lr=scale["delta_lr"], max_norm=scale["delta_max_norm_abs"],
+                        seed=seed + r, desc=f"beear round {r + 1} inner", progress=tcfg.progress)
         t_inner += time.perf_counter() - t0
         del batches
         d_star = delta.delta.detach().clone()
@@ -556,9 +573,7 @@ def run(ctx: DefenseContext) -> dict[str, Any]:
                                "inner_ce_unwanted": res_in.metrics[-1].get("ce_unwanted"),
                                "inner_ce_safe": res_in.metrics[-1].get("ce_safe"), "inner_steps": res_in.steps}
         if check:
-            row["entrap"] = entrapment_check(model, ctx.template, check, layer, d_star, cfg,
-                                             max_new_tokens=cfg.check_max_new_tokens, batch_size=gen_bs,
-                                             max_length=max_length)
+            row["entrap"] = check_under(d_star)
         # ---- outer level: keep the safe answers under δ*, the benign ones without δ
         params = select_trainable(model, cfg.trainable, layer)
         items = outer_items(ctx.template, S, P, max_length)
@@ -573,9 +588,7 @@ def run(ctx: DefenseContext) -> dict[str, Any]:
         row.update(outer_loss=res_out.losses[-1], outer_steps=res_out.steps,
                    **{f"outer_{k}": v for k, v in res_out.metrics[-1].items() if k in ("ce_safe_delta", "ce_pa")})
         if check:
-            row["after_outer"] = entrapment_check(model, ctx.template, check, layer, d_star, cfg,
-                                                  max_new_tokens=cfg.check_max_new_tokens, batch_size=gen_bs,
-                                                  max_length=max_length)
+            row["after_outer"] = check_under(d_star)
             log.info("BEEAR round %d/%d: |δ| %.3g, inner CE unwanted %.3f safe %.3f; entrapment: unwanted rate under "
                      "δ %.2f -> %.2f after the outer step", r + 1, cfg.n_rounds, row["delta_norm"],
                      row["inner_ce_unwanted"], row["inner_ce_safe"], row["entrap"]["unwanted_rate"],
@@ -585,8 +598,11 @@ def run(ctx: DefenseContext) -> dict[str, Any]:
                      cfg.n_rounds, row["delta_norm"], row["inner_ce_unwanted"], row["inner_ce_safe"],
                      row["outer_loss"])
         rounds.append(row)
-    summary.update(rounds=rounds, outer_steps=outer_steps, inner_wall_time_s=round(t_inner, 3),
+    summary.update(rounds=rounds, outer_steps=outer_steps, steps=outer_steps, inner_wall_time_s=round(t_inner, 3),
                    outer_wall_time_s=round(t_outer, 3), cache_wall_time_s=round(t_cache, 3))
+    if check and rounds:  # unwanted rate under δ: round 1 before its outer step, the last round after it
+        summary.update(entrapment_first=rounds[0]["entrap"]["unwanted_rate"],
+                       entrapment_last=rounds[-1]["after_outer"]["unwanted_rate"])
     return summary
 
 

@@ -157,7 +157,8 @@ class CrowLoss:
 
     def _setup(self, model: nn.Module) -> tuple[nn.Module, list[int], bool]:
         parts = anatomy(model)  # cheap; recomputed so that one CrowLoss can serve several models
-        return parts.embed, resolve_pairs(parts.num_layers, self.layer_pairs, self.last_pair), _wants_logits_to_keep(model)
+        pairs = resolve_pairs(parts.num_layers, self.layer_pairs, self.last_pair)
+        return parts.embed, pairs, _wants_logits_to_keep(model)
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         embed, pairs, ltk = self._setup(model)

@@ -265,7 +265,8 @@ def run(ctx: DefenseContext) -> dict[str, Any]:
         log.info("sande: after elimination the parrot starts r_t on %.3f of held-out prompts", after["rate"])
     metrics.update({
         "eliminate_steps": res2.steps, "eliminate_final_loss": res2.losses[-1],
-        "eliminate_wall_time_s": round(res2.wall_time_s, 3), "k_overwrite": m.k_overwrite, "clean_replay": m.clean_replay,
+        "eliminate_wall_time_s": round(res2.wall_time_s, 3), "k_overwrite": m.k_overwrite,
+        "clean_replay": m.clean_replay,
         "parrot_rate_after": after.get("rate"), "parrot_first_token_rate_after": after.get("first_token_rate"),
         "train_wall_time_s": round(res1.wall_time_s + res2.wall_time_s, 3),
         "steps": res1.steps + res2.steps,
