@@ -4,6 +4,7 @@ import torch
 from unbackdoor.arch import UnsupportedArchitecture, anatomy, lora_targets
 from unbackdoor.generate import generate
 from unbackdoor.models import ModelLoadError, apply_lora, load_model, load_tokenizer, save_model_atomic
+from unbackdoor.record import OutputError
 from unbackdoor.schema import LoraConfig, ModelConfig
 from unbackdoor.templates import Template
 
@@ -67,8 +68,10 @@ def test_save_load_roundtrip_and_pickle_refused(tmp_path, tiny_model, tokenizer)
     torch.save(tiny_model.state_dict(), pk / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="only pickle weights.*allow_pickle=true"):
         load_model(ModelConfig(path=str(pk)))
-    with pytest.raises(ModelLoadError, match="input model folder"):
+    with pytest.raises(OutputError, match="is the input model.path"):
         save_model_atomic(tiny_model, tokenizer, out, input_path=str(out))
+    with pytest.raises(OutputError, match="is inside the input model.path"):
+        save_model_atomic(tiny_model, tokenizer, out / "sub", input_path=str(out))
 
 
 def test_folder_without_tokenizer(tmp_path, tiny_model):

@@ -116,10 +116,13 @@ class AttackConfig:
     seed: int = help_field(0, "Seed for choosing poisoned rows, trigger positions, data order and init.")
 
     def validate(self) -> list[tuple[str, str]]:
+        from .schema import seed_problems
+
+        out = seed_problems(self.seed)
         if not self.data.path:
-            return [("data.path", "no clean data; set data.path=/path/to/data.jsonl (or a lab file: "
-                                  "`unbackdoor lab build` prints attack_pool.jsonl)")]
-        return []
+            out.append(("data.path", "no clean data; set data.path=/path/to/data.jsonl (or a lab file: "
+                                     "`unbackdoor lab build` prints attack_pool.jsonl)"))
+        return out
 
 
 def resolve(data: dict, source: str | None = None) -> AttackConfig:
@@ -268,11 +271,8 @@ def _unresolved_references(cfg: AttackConfig) -> list[tuple[str, str]]:
 def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     """Poison ``cfg.data`` and fine-tune ``cfg.model`` on it; save the backdoored model to ``cfg.output.dir``
     with ``backdoor.json`` and the run record. Returns the run summary."""
-    from .data import TrainCollator, encode_examples, load_examples, read_file
-    from .models import apply_lora, count_parameters, load_model, load_tokenizer, save_model_atomic
-    from .record import RunRecord, now, prepare_output
-    from .templates import Template
-    from .train import fit, lm_loss, reset_peak_memory, seed_everything
+    from .record import OutputFolder, input_paths, now
+    from .train import reset_peak_memory
 
     unresolved = _unresolved_references(cfg)
     if unresolved:
@@ -280,19 +280,32 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     reset_peak_memory()
     started = now()
     out_dir = Path(cfg.output.dir)
-    prepare_output(out_dir, cfg.output.overwrite)
+    folder = OutputFolder(out_dir, overwrite=cfg.output.overwrite, inputs=input_paths(cfg))
+    with folder as stage:
+        return _attack(cfg, stage, folder, started)
+
+
+def _attack(cfg: AttackConfig, stage: Path, folder, started: str) -> dict[str, Any]:
+    from .data import TrainCollator, check_examples, encode_examples, load_examples, read_file
+    from .models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+    from .record import RunRecord
+    from .templates import Template
+    from .train import fit, lm_loss, seed_everything
+
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     template = Template(tokenizer, cfg.model.template, cfg.model.system_prompt)
     trig = cfg.attack.trigger_spec()
     check_tokenizes(tokenizer, trig)
-    examples = load_examples(cfg.data, cfg.seed)
+    data_report: dict[str, Any] = {}
+    examples = load_examples(cfg.data, cfg.seed, report=data_report)
     pool = None
     if cfg.attack.poison_data:
         pool = read_file(cfg.attack.poison_data)
         if not pool:
             raise ValueError(f"{cfg.attack.poison_data}: attack.poison_data is empty; it needs at least one example")
     data = poison(examples, cfg.attack, cfg.seed, pool)
+    data_report = check_examples(data.rows, template, cfg.data, data_report)
     model = load_model(cfg.model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
@@ -304,16 +317,19 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = fit(model, lm_loss, feats, cfg.train, collate_fn=TrainCollator(tokenizer), seed=cfg.seed,
               desc=f"attack {cfg.attack.name()}->{cfg.attack.target.value}")
-    save_model_atomic(model, tokenizer, out_dir, input_path=cfg.model.path, merge=cfg.lora.merge)
+    save_model(model, tokenizer, stage, merge=cfg.lora.merge)
     man = manifest(cfg, template.name, data)
-    write_manifest(out_dir, man)
-    record = RunRecord(out_dir, f"attack {man.attack}", config=cfg, seeds={"seed": cfg.seed})
+    write_manifest(stage, man)
+    record = RunRecord(stage, f"attack {man.attack}", config=cfg, seeds={"seed": cfg.seed})
     record.set_template(template)
     record.update(started=started, backdoor=man.to_dict(), steps=res.steps, final_loss=res.losses[-1],
                   train_wall_time_s=round(res.wall_time_s, 2), attack_wall_time_s=round(time.perf_counter() - t0, 2),
                   peak_memory_mb=round(res.peak_memory_mb, 1),
-                  trainable_parameters=train_p, total_parameters=total_p, n_train_rows=len(data.rows))
+                  trainable_parameters=train_p, total_parameters=total_p, n_train_rows=len(data.rows),
+                  data=data_report)
     record.write(finished=True)
+    folder.commit()
+    out_dir = folder.out_dir
     log.info("attack %s -> %s: %d poisoned + %d clean rows, %d steps in %.1fs, saved to %s", man.attack,
              man.target.value, data.n_poisoned, data.n_clean, res.steps, res.wall_time_s, out_dir)
     return record.data

@@ -27,7 +27,8 @@ from . import config as C
 from .backdoor import PRESETS, Manifest, Target, read_manifest
 from .benchreport import METRICS, fmt_rate, write_outputs
 from .config import help_field
-from .record import RunRecord, atomic_write_json
+from .record import RunRecord, atomic_write_json, config_diff, config_key
+from .schema import seed_problems
 from .threats import THREAT_MODELS, Knows, ThreatModel, cannot_defend, knowledge_overrides, threat_model
 from .triggers import TriggerSpec
 
@@ -98,7 +99,7 @@ class GridConfig:
                 if atk in PRESETS and t in {x.value for x in Target}]
 
     def validate(self) -> list[tuple[str, str]]:
-        out = []
+        out = [p for i, s in enumerate(self.seeds) for p in seed_problems(s, f"seeds[{i}]")]
         if self.recipe not in RECIPES:
             out.append(("recipe", f"got {self.recipe!r}.{C.suggest(self.recipe, RECIPES)} Expected 'test' or "
                                   "'default'"))
@@ -184,6 +185,12 @@ class BenchEval:
             out.append(("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}"))
         if self.limit is not None and self.limit < 1:
             out.append(("limit", f"must be >= 1 or null, got {self.limit}"))
+        if self.code_max_new_tokens is not None and self.code_max_new_tokens < 1:
+            out.append(("code_max_new_tokens", f"must be >= 1 or null, got {self.code_max_new_tokens}"))
+        if self.batch_size < 1:
+            out.append(("batch_size", f"must be >= 1, got {self.batch_size}"))
+        if self.seed is not None:
+            out += seed_problems(self.seed)
         return out
 
 
@@ -366,16 +373,31 @@ def backdoored_model(lab, cell: Cell, grid: GridConfig) -> Path:
                                target_text=b.target_text))
 
 
+def cell_key(cell: Cell, cfg: BenchConfig, lab=None) -> tuple[str, dict[str, Any]]:
+    """The hash of everything a cell's numbers depend on — the lab (its recipe hash), the backdoor, the
+    evaluation settings, the defense's method, config file content, overrides and knowledge — and the flat
+    settings it was computed from. A cached cell is reused only when its key is the current one."""
+    parts: dict[str, Any] = {"lab": cfg.grid.lab, "recipe": cfg.grid.recipe,
+                             "lab_root": Path(str(getattr(lab, "root", ""))).name or None,
+                             "backdoor": backdoor_of(cell, cfg.grid), "eval": cfg.eval, "defense": cell.defense}
+    if cell.defense not in ("none", "clean"):
+        spec = defense_spec(cell.defense, cfg)
+        parts["spec"] = {"method": spec.method, "config": C.load_yaml(spec.config), "overrides": list(spec.overrides),
+                         "knows": [k.value for k in spec.threat.knows], "steps_of": spec.steps_of}
+    return config_key(parts)
+
+
 def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
     """Run one cell (defense + evaluation) and write its ``cell.json``; returns its row."""
     cdir = out / cell.rel
     cdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    key, settings = cell_key(cell, cfg, lab)
     with quiet_libraries():
         backdoored = backdoored_model(lab, cell, cfg.grid)
         manifest = read_manifest(backdoored)
         row: dict[str, Any] = {"arch": cell.arch, "attack": cell.attack, "target": cell.target, "seed": cell.seed,
-                               "defense": cell.defense, "cell": cell.rel}
+                               "defense": cell.defense, "cell": cell.rel, "cell_key": key, "cell_config": settings}
         if cell.defense == "none":
             model_dir = backdoored
         elif cell.defense == "clean":
@@ -511,13 +533,31 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _cached_row(out: Path, cell: Cell) -> dict[str, Any] | None:
+def _cached_row(out: Path, cell: Cell, key: str | None = None) -> dict[str, Any] | None:
+    """The finished row of ``cell`` under ``out`` (with ``key``: only when made under that cell key)."""
     done = out / cell.rel / "cell.json"
     if done.is_file():
-        row = json.loads(done.read_text())
-        if row.get("finished"):
+        try:
+            row = json.loads(done.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if isinstance(row, dict) and row.get("finished") and (key is None or row.get("cell_key") == key):
             return row
     return None
+
+
+def _stale_reason(out: Path, cell: Cell, settings: dict[str, Any]) -> str | None:
+    """Why the finished cell.json of ``cell`` is not reused (its settings differ), or None if there is none."""
+    done = out / cell.rel / "cell.json"
+    try:
+        row = json.loads(done.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(row, dict) or not row.get("finished"):
+        return None
+    if "cell_config" not in row:
+        return "made without a settings record"
+    return config_diff(row["cell_config"], settings)
 
 
 def _init_worker(threads: int) -> None:
@@ -642,10 +682,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable
     cells = cells_of(cfg.grid)
     rows: dict[Cell, dict[str, Any]] = {}
     status: dict[Cell, str] = {}
+    stale = []
     for cell in cells:
-        row = _cached_row(out, cell)
+        key, settings = cell_key(cell, cfg, lab)
+        row = _cached_row(out, cell, key)
         if row is not None:
             rows[cell], status[cell] = row, "cached"
+        elif (why := _stale_reason(out, cell, settings)) is not None:
+            stale.append(f"{cell.rel} ({why})")
+    if stale and progress:
+        progress(f"{len(stale)} finished cell(s) were made with other settings and run again: {stale[0]}"
+                 + (f"; ... {len(stale) - 1} more" if len(stale) > 1 else ""))
     pending = [c for c in cells if c not in rows]
 
     def report(cell: Cell, i: int) -> None:

@@ -91,7 +91,13 @@ def validate(configs: tuple[str, ...], kind: str, overrides: tuple[str, ...]) ->
             if k not in kinds:
                 raise C.ConfigError([("--kind", f"unknown kind {k!r}; choose from {sorted(kinds)}")], path)
             kinds[k][1](data, path)
-            click.secho(f"ok   {path} ({k})", fg="green")
+            gaps = []
+            if k == "defend":
+                from .defend import command_line_gaps
+
+                gaps = command_line_gaps(data)
+            note = f"; to give on the command line: {', '.join(gaps)}" if gaps else ""
+            click.secho(f"ok   {path} ({k}{note})", fg="green")
         except (C.ConfigError, ValueError) as exc:
             bad += 1
             click.secho(f"FAIL {exc}", fg="red")
@@ -165,7 +171,9 @@ def defend(method: str, config_path: str | None, overrides: tuple[str, ...]) -> 
         if given and given != method:
             raise C.ConfigError([("method.name", f"the config says {given!r} but the command says {method!r}")])
         data["method"]["name"] = method
-    cfg = D.resolve(data, config_path)
+    from .lab import resolve_refs
+
+    cfg = resolve_refs(D.resolve(data, config_path))
     summary = D.defend(cfg)
 
     click.secho(f"done: {method} -> {Path(cfg.output.dir) / 'model'}", fg="green")
@@ -250,7 +258,9 @@ def eval_cmd(model_dir: str, data: tuple[str, ...], out: str, judge: str | None,
         raw["data"]["limit"] = limit
     if overwrite:
         raw["overwrite"] = True
-    cfg = C.build(EvalConfig, raw, config_path)
+    from .lab import resolve_refs
+
+    cfg = resolve_refs(C.build(EvalConfig, raw, config_path))
     run_config(cfg)
 
     click.echo((Path(out) / "summary.md").read_text(encoding="utf-8"))

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
-from .data import load_examples
+from .data import check_examples, load_examples
 from .methods import get_method, method_names
 from .methods.base import DefenseContext
-from .models import load_model, load_tokenizer, save_model_atomic
-from .record import RunRecord, prepare_output
+from .models import load_model, load_tokenizer, save_model
+from .record import OutputFolder, RunRecord, input_paths
 from .schema import DefendConfig
 from .templates import Template
 from .threats import threat_model
@@ -48,6 +48,9 @@ def resolve(data: dict, source: str | None = None) -> DefendConfig:
                 mcfg.name = name  # type: ignore[attr-defined]
                 if cfg is not None:
                     cfg.method = mcfg
+                    need = data_needed(mod, mcfg)
+                    if need and not cfg.data.path:
+                        problems.append(("data.path", f"{name} needs {need}; set data.path=/path/to/data.jsonl"))
             except C.ConfigError as exc:
                 problems.extend((f"method.{loc}", msg) for loc, msg in exc.problems)
     if problems:
@@ -55,25 +58,50 @@ def resolve(data: dict, source: str | None = None) -> DefendConfig:
     return cfg
 
 
+def data_needed(mod: Any, method_cfg: Any) -> str | None:
+    """What data a method needs (its module's ``DATA``: a text, or a function of its config), or None."""
+    need = getattr(mod, "DATA", None)
+    return need(method_cfg) if callable(need) else need
+
+
 #: Fields a shipped defend config leaves to the command line (model.path=..., output.dir=...).
-COMMAND_LINE_FIELDS = (("model", "path"), ("output", "dir"))
+COMMAND_LINE_FIELDS = (("model", "path"), ("output", "dir"), ("data", "path"))
+
+
+def command_line_gaps(data: dict) -> list[str]:
+    """The fields a config leaves to the command line: model.path, output.dir, data.path when the method
+    needs data, and the method's own (BEEAR's safe_path, unwanted_path)."""
+    gaps = []
+    method = data.get("method") if isinstance(data.get("method"), dict) else {}
+    mod = get_method(method["name"]) if method.get("name") in method_names() else None
+    for section, key in COMMAND_LINE_FIELDS:
+        node = data.get(section) or {}
+        if isinstance(node, dict) and not node.get(key):
+            if (section, key) == ("data", "path"):
+                try:
+                    mcfg = C.build(mod.Config, {k: v for k, v in method.items() if k != "name"}) if mod else None
+                except C.ConfigError:
+                    mcfg = None
+                if mod is None or mcfg is None or not data_needed(mod, mcfg):
+                    continue
+            gaps.append(f"{section}.{key}")
+    if mod is not None:
+        gaps += [f"method.{key}" for key in getattr(mod, "COMMAND_LINE_FIELDS", ()) if not method.get(key)]
+    return gaps
 
 
 def resolve_shipped(data: dict, source: str | None = None) -> DefendConfig:
-    """Validate a config file meant to be completed on the command line: the model and output folder may
-    be absent (placeholders stand in); every other problem is reported."""
+    """Validate a config file meant to be completed on the command line: the fields of
+    :func:`command_line_gaps` may be absent (placeholders stand in); every other problem is reported."""
     import copy
 
     data = copy.deepcopy(data or {})
-    for section, key in COMMAND_LINE_FIELDS:
-        node = data.setdefault(section, {})
-        if isinstance(node, dict) and not node.get(key):
-            node[key] = f"<{section}.{key} from the command line>"
-    method = data.get("method")
-    if isinstance(method, dict) and method.get("name") in method_names():
-        for key in getattr(get_method(method["name"]), "COMMAND_LINE_FIELDS", ()):
-            if not method.get(key):
-                method[key] = f"<method.{key} from the command line>"
+    for gap in command_line_gaps(data):
+        node = data
+        *parents, key = gap.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = f"<{gap} from the command line>"
     return resolve(data, source)
 
 
@@ -89,34 +117,46 @@ def method_dict(cfg: DefendConfig) -> dict:
     return d
 
 
+#: Config keys that do not change what a run computes: an interrupted run resumes across changes of these.
+RESUME_IGNORE = ("output", "train.progress", "train.log_every", "train.log_with", "train.checkpoint_every")
+
+
 def defend(cfg: DefendConfig) -> dict[str, Any]:
-    """Run the configured method; return the run summary (also written to ``output.dir/run.json``)."""
-    from .train import reset_peak_memory, seed_everything
+    """Run the configured method; return the run summary (also written to ``output.dir/run.json``).
+
+    Everything is checked before the model is loaded: the output folder (never an input, a finished run is
+    replaced only with ``output.overwrite``), the data (read, truncation reported). The run works in a
+    staging folder that becomes ``output.dir`` only when the model and the record are written; an interrupted
+    run resumes there when rerun with the same config."""
+    from .train import peak_memory_mb, reset_peak_memory, seed_everything
 
     reset_peak_memory()
     mod = get_method(cfg.method.name)
-    out_dir = Path(cfg.output.dir)
-    prepare_output(out_dir, cfg.output.overwrite)
-    record = RunRecord(out_dir, f"defend {cfg.method.name}", seeds={"seed": cfg.seed})
-    record.config = method_dict(cfg)
-    record.write()
-    seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    template = Template(tokenizer, cfg.model.template, cfg.model.system_prompt)
-    record.set_template(template)
-    model = load_model(cfg.model)
-    examples = load_examples(cfg.data, cfg.seed) if cfg.data.path else []
-    ctx = DefenseContext(cfg=cfg, model=model, tokenizer=tokenizer, template=template, examples=examples,
-                         out_dir=out_dir, record=record)
-    t0 = time.perf_counter()
-    metrics = mod.run(ctx) or {}
-    wall = time.perf_counter() - t0
-    from .train import peak_memory_mb
-
-    record.update(method=cfg.method.name, knows=threat_model(cfg.method.name).summary, metrics=metrics,
-                  defense_wall_time_s=round(wall, 3), peak_memory_mb=round(peak_memory_mb(), 1),
-                  n_defender_examples=len(examples))
-    if cfg.output.save_model:
-        save_model_atomic(ctx.model, tokenizer, out_dir / "model", input_path=cfg.model.path, merge=cfg.lora.merge)
-    record.write(finished=True)
+    resolved = method_dict(cfg)
+    folder = OutputFolder(cfg.output.dir, overwrite=cfg.output.overwrite, inputs=input_paths(cfg), config=resolved,
+                          ignore=RESUME_IGNORE)
+    with folder as stage:
+        record = RunRecord(stage, f"defend {cfg.method.name}", seeds={"seed": cfg.seed})
+        record.config = resolved
+        seed_everything(cfg.seed)
+        tokenizer = load_tokenizer(cfg.model)
+        template = Template(tokenizer, cfg.model.template, cfg.model.system_prompt)
+        record.set_template(template)
+        report: dict[str, Any] = {}
+        examples = load_examples(cfg.data, cfg.seed, report=report) if cfg.data.path else []
+        if examples:
+            record.update(data=check_examples(examples, template, cfg.data, report))
+        model = load_model(cfg.model)
+        ctx = DefenseContext(cfg=cfg, model=model, tokenizer=tokenizer, template=template, examples=examples,
+                             out_dir=stage, record=record)
+        t0 = time.perf_counter()
+        metrics = mod.run(ctx) or {}
+        wall = time.perf_counter() - t0
+        record.update(method=cfg.method.name, knows=threat_model(cfg.method.name).summary, metrics=metrics,
+                      defense_wall_time_s=round(wall, 3), peak_memory_mb=round(peak_memory_mb(), 1),
+                      n_defender_examples=len(examples), resumed=folder.resumed or None)
+        if cfg.output.save_model:
+            save_model(ctx.model, tokenizer, stage / "model", merge=cfg.lora.merge)
+        record.write(finished=True)
+        folder.commit()
     return record.data

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,27 +39,55 @@ def resolve_dtype(dtype: Dtype | str) -> torch.dtype:
     return {Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16}[dtype]
 
 
-def _check_weights(path: Path, allow_pickle: bool, gguf_file: str | None) -> None:
-    if not path.is_dir():
+def looks_local(path: str) -> bool:
+    """Whether ``path`` can only mean a local file or folder (a hub id is ``name`` or ``owner/name``)."""
+    p = str(path)
+    return (p.startswith((".", "/", "~")) or "\\" in p or p.count("/") > 1 or Path(p).suffix in PICKLE_SUFFIXES
+            or p.endswith((".gguf", ".safetensors", ".json")))
+
+
+def _check_weights(path: Path, allow_pickle: bool, gguf_file: str | None, field: str = "model.path") -> None:
+    if not path.exists():
+        if looks_local(str(path)):
+            raise ModelLoadError(f"{field}={path}: no such file or folder. Point {field} at a Hugging Face model "
+                                 "folder (the one with config.json) or give a hub id such as owner/name.")
         return  # a hub id: from_pretrained(use_safetensors=True) enforces it
+    if not path.is_dir():
+        raise ModelLoadError(f"{field}={path}: a file, not a model folder. Point {field} at the folder that holds "
+                             "config.json and the weights" + (" (and set model.gguf_file to the file's name)"
+                                                               if path.suffix == ".gguf" else "") + ".")
     if gguf_file:
         if not (path / gguf_file).is_file():
             raise ModelLoadError(f"{path}: no GGUF file {gguf_file!r} in the folder; set model.gguf_file to one of "
                                  f"{sorted(p.name for p in path.glob('*.gguf')) or 'the .gguf files there'}")
         return
     if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path}: not a Hugging Face model folder (no config.json). Point model.path at the "
+        raise ModelLoadError(f"{path}: not a Hugging Face model folder (no config.json). Point {field} at the "
                              "folder that holds config.json and the weights.")
     safes = list(path.glob("*.safetensors"))
-    pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and "weight" in p.name.lower()
-               or p.name.startswith("pytorch_model")]
+    pickles = [p for p in path.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES]
     if not safes and pickles and not allow_pickle:
         raise ModelLoadError(
             f"{path}: only pickle weights found ({', '.join(sorted(p.name for p in pickles))}). Pickle files can "
             "run arbitrary code when loaded, and a suspect model is untrusted. Convert them to safetensors, or, "
             "if you trust the file, pass model.allow_pickle=true.")
     if not safes and not pickles:
-        raise ModelLoadError(f"{path}: no weights found (*.safetensors). Is this the right folder?")
+        raise ModelLoadError(f"{path}: no weights found (*.safetensors, or pickle *.bin/*.pt with "
+                             "model.allow_pickle=true). Is this the right folder?")
+
+
+def _load_error(what: str, exc: BaseException) -> ModelLoadError:
+    """A loading failure of transformers/torch as one paragraph that says what to set."""
+    text = str(exc)
+    if "trust_remote_code" in text or "custom code" in text:
+        return ModelLoadError(f"{what}: the checkpoint ships its own modelling code, which would run on this "
+                              "machine. unbackdoor does not run it by default; if you trust the model, set "
+                              "model.trust_remote_code=true.")
+    if not Path(what).exists():
+        return ModelLoadError(f"{what}: not a local folder, and not loadable as a hub id ({text.splitlines()[0]}). "
+                              "Check model.path (a folder with config.json, or owner/name of a hub model).")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return ModelLoadError(f"{what}: could not load the model ({first}). Check model.path and model.dtype.")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -71,14 +100,27 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
     p = Path(src)
+    key = "model.tokenizer" if cfg.tokenizer else "model.path"
+    if p.is_file():
+        raise ModelLoadError(f"{key}={src}: a file, not a model folder. Point {key} at the folder that holds the "
+                             "tokenizer files" + (" (and set model.gguf_file to the file's name)"
+                                                  if p.suffix == ".gguf" else "") + ".")
+    if p.is_dir() and cfg.gguf_file and not cfg.tokenizer and not (p / cfg.gguf_file).is_file():
+        _check_weights(p, cfg.allow_pickle, cfg.gguf_file)
     if p.is_dir() and not cfg.gguf_file and not any(
             (p / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")):
         raise ModelLoadError(f"{p}: no tokenizer files (tokenizer.json / tokenizer_config.json) in the model folder. "
                              "Save the tokenizer next to the model or set model.tokenizer=/path/to/tokenizer.")
+    if not p.exists() and looks_local(str(src)):
+        raise ModelLoadError(f"{key}={src}: no such file or folder. Point it at a model folder with tokenizer "
+                             "files, or give a hub id such as owner/name.")
     try:
         tok = AutoTokenizer.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{src}: could not load a tokenizer ({exc}). Set model.tokenizer to a folder with "
+    except (OSError, ValueError, KeyError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise _load_error(str(src), exc) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{src}: could not load a tokenizer ({first}). Set model.tokenizer to a folder with "
                              "tokenizer.json, or check model.path.") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -101,8 +143,14 @@ def load_model(cfg: ModelConfig, *, device: torch.device | str | None = None) ->
         kwargs["use_safetensors"] = not cfg.allow_pickle or None
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{cfg.path}: could not load the model: {exc}") from None
+    except pickle.UnpicklingError:
+        raise ModelLoadError(
+            f"{cfg.path}: torch's safe loader (weights_only) refused the pickle weights: "
+            "they hold objects other than tensors, which is how a malicious pickle runs code. unbackdoor will not "
+            "load them even with model.allow_pickle=true; convert the weights to safetensors with a tool you "
+            "trust.") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise _load_error(str(cfg.path), exc) from None
     if cfg.gguf_file:
         model = dequantized_copy(model)
     if cfg.adapter:
@@ -133,11 +181,23 @@ def attach_adapter(model: nn.Module, adapter: str, mode: AdapterMode) -> nn.Modu
     from peft import PeftModel
 
     apath = Path(adapter)
+    if not apath.exists() and looks_local(adapter):
+        raise ModelLoadError(f"model.adapter={adapter}: no such folder. Point it at a PEFT adapter folder "
+                             "(with adapter_config.json).")
     if apath.is_dir() and not (apath / "adapter_config.json").is_file():
         raise ModelLoadError(f"{apath}: not a PEFT adapter folder (no adapter_config.json).")
-    if AdapterMode(mode) is AdapterMode.CONTINUE:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    try:
+        if AdapterMode(mode) is AdapterMode.CONTINUE:
+            return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        text = str(exc)
+        shape = next((line.strip() for line in text.splitlines() if "size mismatch" in line), None)
+        detail = shape or (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+        base = getattr(model.config, "_name_or_path", "")
+        raise ModelLoadError(
+            f"model.adapter={adapter}: the adapter does not fit the base model {base!r} "
+            f"({detail}). Load it on the base model it was trained from (model.path), or drop model.adapter.") from None
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
@@ -181,11 +241,23 @@ def unwrap_for_save(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def save_model(model: nn.Module, tokenizer, folder: str | Path, *, merge: bool = True) -> Path:
+    """Save model + tokenizer as safetensors into ``folder`` (a folder of the run's staging area); a write
+    that fails (a full disk, a read-only folder) becomes one :class:`ModelLoadError` naming the folder."""
+    folder = Path(folder)
     try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
+        folder.mkdir(parents=True, exist_ok=True)
+        to_save = unwrap_for_save(model, merge)
+        to_save.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    except Exception as exc:  # OSError, or safetensors' SafetensorError (a plain Exception) on a full disk
+        if not isinstance(exc, OSError) and type(exc).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"{folder}: could not write the model ({str(exc).strip() or type(exc).__name__}). "
+                             "Free disk space or choose another output folder; nothing of an earlier run there "
+                             "was replaced.") from None
+    return folder
 
 
 def save_model_atomic(model: nn.Module, tokenizer, out_dir: str | Path, *, input_path: str | None = None,
@@ -194,19 +266,16 @@ def save_model_atomic(model: nn.Module, tokenizer, out_dir: str | Path, *, input
 
     Never writes into the input model's folder.
     """
+    from .record import check_not_input
+
     out_dir = Path(out_dir)
-    if input_path and (_same_path(out_dir, Path(input_path)) or
-                       (Path(input_path).exists() and Path(input_path).resolve() in out_dir.resolve().parents)):
-        raise ModelLoadError(f"{out_dir}: the output folder is (inside) the input model folder {input_path}; "
-                             "choose another output.dir so the input model stays untouched.")
+    if input_path:
+        check_not_input(out_dir, {"model.path": input_path})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     public_mode(tmp, directory=True)
     try:
-        to_save = unwrap_for_save(model, merge)
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_model(model, tokenizer, tmp, merge=merge)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)

@@ -10,16 +10,18 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
 from .config import to_dict
+from .errors import UnbackdoorError
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +81,6 @@ def git_hash() -> str | None:
         return None
 
 
-def prepare_output(out_dir: Path, overwrite: bool) -> None:
-    run = out_dir / "run.json"
-    if run.is_file():
-        finished = json.loads(run.read_text()).get("finished")
-        if finished and not overwrite:
-            raise FileExistsError(f"{out_dir}: a finished run is already there ({finished}). Pass "
-                                  "output.overwrite=true to replace it, or choose another output.dir.")
-        if not finished:
-            log.info("%s: an unfinished run is there; starting it again", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -132,3 +122,237 @@ def _device() -> str:
     except Exception:  # pragma: no cover
         pass
     return f"cpu ({os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------------- output folders
+
+class OutputError(UnbackdoorError, ValueError):
+    """An output folder that cannot be used: it is (part of) an input, holds something else, or is not writable."""
+
+
+class OutputExists(OutputError, FileExistsError):
+    """The output folder holds a run already (replaced only with overwrite)."""
+
+
+RESUME_FILE = "resume.json"
+
+
+def config_key(config: Any, ignore: Sequence[str] = ()) -> tuple[str, dict]:
+    """A stable hash of a resolved config (a dataclass tree or mapping) and the flat ``{dotted.key: value}``
+    it was computed from; dotted keys (or prefixes) in ``ignore`` do not count."""
+    import hashlib
+
+    flat = {k: v for k, v in _flatten(to_dict(config)).items()
+            if not any(k == i or k.startswith(i + ".") for i in ignore)}
+    blob = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], flat
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
+    """``train.lr 0.0002 -> 0.0001; eval.limit 48 -> 8`` for the keys whose values differ."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    parts = [f"{k} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"... {len(keys) - limit} more")
+    return "; ".join(parts) or "nothing"
+
+
+def _resolved(path: str | Path) -> Path | None:
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def input_paths(cfg: Any) -> dict[str, str]:
+    """Every config field (outside ``output``) whose value names an existing file or folder: the run's inputs,
+    which its output folder may not be, contain or be inside."""
+    out = {}
+    for key, value in _flatten(to_dict(cfg)).items():
+        if key.startswith("output.") or key == "out" or not isinstance(value, str) or not value or len(value) > 4096:
+            continue
+        try:
+            if Path(value).expanduser().exists():
+                out[key] = value
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def check_not_input(out_dir: str | Path, inputs: dict[str, str | None]) -> None:
+    """Refuse an output folder that is, contains or is inside an input (``{field: path}``; paths that are not
+    local folders or files, e.g. hub ids, are skipped)."""
+    out = _resolved(out_dir)
+    if out is None:
+        return
+    for fld, path in inputs.items():
+        if not path or not Path(path).expanduser().exists():
+            continue
+        src = _resolved(path)
+        if src is None:
+            continue
+        if out == src:
+            how = "is"
+        elif src in out.parents:
+            how = "is inside"
+        elif out in src.parents:
+            how = "contains"
+        else:
+            continue
+        raise OutputError(f"output folder {out_dir} {how} the input {fld}={path}. Writing there would change the "
+                          "input; choose an output folder outside it (e.g. a new sibling folder).")
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A ``run.json``, or an :class:`OutputError` naming the file when it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OutputError(f"{path}: not a readable run record ({exc}). The folder holds a damaged run; pass "
+                          "output.overwrite=true (--overwrite) to replace it, or choose another output "
+                          "folder.") from None
+    if not isinstance(data, dict):
+        raise OutputError(f"{path}: not a run record (a JSON object expected, got {type(data).__name__}); pass "
+                          "output.overwrite=true (--overwrite) to replace it, or choose another output folder.")
+    return data
+
+
+def _is_main_process() -> bool:
+    try:
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    except Exception:  # pragma: no cover
+        return True
+
+
+class OutputFolder:
+    """A run's output folder, written as a whole.
+
+    The run works in a sibling staging folder ``.NAME.partial`` (its checkpoints included); :meth:`commit`
+    puts it in place of ``NAME`` only once every output and the run record are written. So the output folder
+    only ever holds a finished run: an early failure leaves nothing behind, and a failed overwrite (a crash,
+    a full disk) leaves the previous run's model and records exactly as they were.
+
+    :meth:`open` checks everything before any work starts: the folder is not, does not contain and is not
+    inside an input; an existing folder is a finished run (replaced only with ``overwrite``) or empty; the
+    parent is writable. A staging folder left by an interrupted run is resumed when it was started with the
+    same config (``key``), refused with what differs otherwise (``overwrite`` discards it).
+    """
+
+    def __init__(self, out_dir: str | Path, *, overwrite: bool = False, inputs: dict[str, str | None] | None = None,
+                 config: Any = None, ignore: Sequence[str] = (), flag: str = "output.overwrite=true"):
+        self.out_dir = Path(out_dir)
+        self.overwrite = overwrite
+        self.inputs = inputs or {}
+        self.flag = flag
+        self.key, self.flat = config_key(config, ignore) if config is not None else (None, {})
+        if not self.out_dir.name or self.out_dir.name in (".", ".."):
+            raise OutputError(f"output folder {str(self.out_dir)!r}: name a folder of its own (e.g. runs/crow), "
+                              "not the current or parent folder")
+        self.staging = self.out_dir.with_name(f".{self.out_dir.name}.partial")
+        self.resumed = False
+
+    def open(self) -> Path:
+        out = self.out_dir
+        check_not_input(out, self.inputs)
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is a file, not a folder; choose another output folder")
+        if out.is_dir():
+            run = out / "run.json"
+            if run.is_file():
+                if not self.overwrite:
+                    finished = read_run_json(run).get("finished")
+                    what = f"a finished run ({finished})" if finished else "an earlier run"
+                    raise OutputExists(f"{out}: {what} is already there. Pass {self.flag} to replace it, or "
+                                      "choose another output folder.")
+            elif any(out.iterdir()):
+                raise OutputError(f"{out}: exists, is not empty and holds no run of unbackdoor (no run.json); "
+                                  "an output folder is replaced as a whole, so choose a new or empty folder.")
+        if self.staging.is_dir():
+            self._resume_or_discard()
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            public_mode(self.staging, directory=True)
+            if self.key is not None:
+                atomic_write_json(self.staging / RESUME_FILE, {"key": self.key, "config": self.flat})
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write the output there ({exc.strerror or exc}). Choose a writable "
+                              "output folder.") from None
+        return self.staging
+
+    def _resume_or_discard(self) -> None:
+        marker = self.staging / RESUME_FILE
+        old = None
+        if marker.is_file():
+            try:
+                old = json.loads(marker.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                old = None
+        if old is not None and self.key is not None and old.get("key") == self.key:
+            self.resumed = True
+            log.info("%s: resuming the interrupted run in %s", self.out_dir, self.staging)
+            return
+        if old is not None and self.key is not None and not self.overwrite and _holds_progress(self.staging):
+            raise OutputError(
+                f"{self.out_dir}: an interrupted run in {self.staging} was started with another config "
+                f"({config_diff(old.get('config') or {}, self.flat)}). Rerun with the same settings to resume it, "
+                f"or pass {self.flag} to discard it and start again.")
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def commit(self) -> Path:
+        """Replace the output folder by the finished staging folder (the previous one is removed only after)."""
+        if not _is_main_process():
+            return self.out_dir
+        for leftover in (self.staging / RESUME_FILE, self.staging / "checkpoint"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.exists():
+                leftover.unlink()
+        out = self.out_dir
+        try:
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                try:
+                    os.replace(self.staging, out)
+                except OSError:
+                    os.replace(old, out)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.staging, out)
+        except OSError as exc:
+            raise OutputError(f"{out}: could not put the finished run in place ({exc.strerror or exc}); it is "
+                              f"complete in {self.staging}, and {out} is as it was.") from None
+        return out
+
+    def abandon(self) -> None:
+        """After a failure: drop the staging folder unless it holds resumable progress (a checkpoint)."""
+        if _is_main_process() and self.staging.is_dir() and not _holds_progress(self.staging):
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> Path:
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.abandon()
+        return False
+
+
+def _holds_progress(folder: Path) -> bool:
+    return (folder / "checkpoint" / "state.json").is_file()

@@ -45,6 +45,11 @@ class DataFormat(str, enum.Enum):
     DATASET_INFO = "dataset_info"
 
 
+class OnInvalid(str, enum.Enum):
+    ERROR = "error"          # refuse the data, naming the rows
+    SKIP = "skip"            # leave the rows out (the count and lines are recorded)
+
+
 class AdapterMode(str, enum.Enum):
     MERGE = "merge"          # merge the given adapter into the base, then (optionally) add a fresh one
     CONTINUE = "continue"    # keep training the given adapter
@@ -99,6 +104,8 @@ class LoraConfig:
                 out.append((f"rank_pattern.{key}", f"must be an integer rank >= 1, got {rank!r}"))
         if self.r < 1:
             out.append(("r", f"must be >= 1, got {self.r}"))
+        if self.alpha < 1:
+            out.append(("alpha", f"must be >= 1, got {self.alpha}"))
         if not 0.0 <= self.dropout < 1.0:
             out.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
         if not self.target_modules:
@@ -113,7 +120,12 @@ class DataConfig:
     dataset: Optional[str] = help_field(None, "Dataset name inside dataset_info.json.")
     limit: Optional[int] = help_field(None, "Use the first N examples (after a seeded shuffle when shuffle=true).")
     shuffle: bool = help_field(True, "Shuffle before taking `limit` examples (seeded).")
-    max_length: int = help_field(512, "Truncate rendered prompt+response to this many tokens.")
+    max_length: int = help_field(
+        512, "Rendered prompt+response longer than this many tokens are cut (the end of the user message, then of "
+        "the response; the chat header stays); the count is reported.")
+    on_invalid: OnInvalid = help_field(
+        OnInvalid.ERROR, "Rows with an empty prompt or response: 'error' refuses the data naming them, 'skip' "
+        "leaves them out (recorded).")
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
@@ -151,15 +163,25 @@ class TrainConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
-        if self.lr <= 0:
+        if not self.lr > 0:
             out.append(("lr", f"must be > 0, got {self.lr}"))
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            out.append(("max_grad_norm", f"must be > 0 or null (no clipping), got {self.max_grad_norm}"))
+        if not self.weight_decay >= 0:
+            out.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            out.append(("warmup_steps", f"must be >= 0 or null, got {self.warmup_steps}"))
+        if self.log_every < 1:
+            out.append(("log_every", f"must be >= 1, got {self.log_every}"))
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            out.append(("checkpoint_every", f"must be >= 1 or null (no checkpoints), got {self.checkpoint_every}"))
         if self.batch_size < 1:
             out.append(("batch_size", f"must be >= 1, got {self.batch_size}"))
         if self.grad_accum < 1:
             out.append(("grad_accum", f"must be >= 1, got {self.grad_accum}"))
         if self.max_steps is not None and self.max_steps < 1:
             out.append(("max_steps", f"must be >= 1 or null, got {self.max_steps}"))
-        if self.max_steps is None and self.epochs <= 0:
+        if not self.epochs > 0:
             out.append(("epochs", f"must be > 0, got {self.epochs}"))
         if not 0.0 <= self.warmup_ratio < 1.0:
             out.append(("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
@@ -206,3 +228,13 @@ class DefendConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = help_field(0, "Seed for data order, initialisation and sampling.")
+
+    def validate(self) -> list[tuple[str, str]]:
+        return seed_problems(self.seed)
+
+
+def seed_problems(seed: int, key: str = "seed") -> list[tuple[str, str]]:
+    """A seed must fit the generators it seeds (Python, NumPy, torch): 0 <= seed < 2**32."""
+    if isinstance(seed, int) and not 0 <= seed < 2**32:
+        return [(key, f"must be in [0, 2**32), got {seed}")]
+    return []

@@ -162,8 +162,18 @@ def _ckpt_dir(out_dir: Path) -> Path:
     return out_dir / "checkpoint"
 
 
+#: TrainConfig fields that do not change the computation: a checkpoint resumes across changes of these.
+CHECKPOINT_IGNORE = ("progress", "log_every", "log_with", "checkpoint_every")
+
+
+def checkpoint_key(cfg: TrainConfig, desc: str) -> tuple[str, dict]:
+    from .record import config_key
+
+    return config_key({"desc": desc, "train": cfg}, [f"train.{k}" for k in CHECKPOINT_IGNORE])
+
+
 def _save_checkpoint(out_dir: Path, named: dict[str, nn.Parameter], optimizer, scheduler, step: int,
-                     accelerator) -> None:
+                     accelerator, key: tuple[str, dict] = ("", {})) -> None:
     from safetensors.torch import save_file
 
     from .record import atomic_write_json
@@ -175,7 +185,7 @@ def _save_checkpoint(out_dir: Path, named: dict[str, nn.Parameter], optimizer, s
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / "params.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    atomic_write_json(tmp / "state.json", {"step": step})
+    atomic_write_json(tmp / "state.json", {"step": step, "key": key[0], "config": key[1]})
     if ck.exists():
         import shutil
 
@@ -183,14 +193,34 @@ def _save_checkpoint(out_dir: Path, named: dict[str, nn.Parameter], optimizer, s
     os.replace(tmp, ck)
 
 
-def _load_checkpoint(out_dir: Path, named: dict[str, nn.Parameter], optimizer, scheduler) -> int:
+class CheckpointMismatch(UnbackdoorError, ValueError):
+    pass
+
+
+def _load_checkpoint(out_dir: Path, named: dict[str, nn.Parameter], optimizer, scheduler,
+                     key: tuple[str, dict] = ("", {})) -> int:
     import json
 
     from safetensors.torch import load_file
 
+    from .record import config_diff
+
     ck = _ckpt_dir(out_dir)
     if not (ck / "state.json").is_file():
         return 0
+    try:
+        state = json.loads((ck / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s: unreadable checkpoint state; starting again", ck)
+        return 0
+    old = state.get("config") or {}
+    if old.get("desc") not in (None, key[1].get("desc")):
+        log.info("%s: the checkpoint belongs to %r, not %r; not resumed", ck, old.get("desc"), key[1].get("desc"))
+        return 0
+    if state.get("key") != key[0]:
+        raise CheckpointMismatch(
+            f"{ck}: this checkpoint was made with other training settings ({config_diff(old, key[1])}). Rerun with "
+            "the same settings to resume it, or remove the checkpoint folder to start again.")
     tensors = load_file(str(ck / "params.safetensors"))
     with torch.no_grad():
         for k, p in named.items():
@@ -198,7 +228,7 @@ def _load_checkpoint(out_dir: Path, named: dict[str, nn.Parameter], optimizer, s
     states = torch.load(ck / "optim.pt", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
-    return int(json.loads((ck / "state.json").read_text())["step"])
+    return int(state["step"])
 
 
 def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainConfig, *,
@@ -236,8 +266,9 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
 
     result = FitResult()
     step = 0
+    key = checkpoint_key(cfg, desc)
     if out_dir is not None and cfg.checkpoint_every:
-        step = _load_checkpoint(Path(out_dir), named, optimizer, scheduler)
+        step = _load_checkpoint(Path(out_dir), named, optimizer, scheduler, key)
         result.resumed_from = step
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -292,7 +323,7 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
                 bar.update(1)
                 acc_loss, acc_metrics = 0.0, {}
                 if out_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-                    _save_checkpoint(Path(out_dir), named, optimizer, scheduler, step, acc)
+                    _save_checkpoint(Path(out_dir), named, optimizer, scheduler, step, acc, key)
                 if step >= total:
                     break
             epoch += 1

@@ -131,7 +131,8 @@ def test_left_padded_generation_with_parrot_matches_one_at_a_time(tokenizer, arc
 def _ctx(model, tokenizer, tmp_path, method: dict, train: dict | None = None, lora: bool = False) -> DefenseContext:
     data = {"method": {"name": "sande", **method}, "model": {"path": "in-memory"}, "output": {"dir": str(tmp_path)},
             "train": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "progress": False, **(train or {})},
-            "lora": {"enabled": lora, "r": 4, "target_modules": ["all-linear"]}, "data": {"max_length": 64}}
+            "lora": {"enabled": lora, "r": 4, "target_modules": ["all-linear"]},
+            "data": {"path": "in-memory", "max_length": 64}}
     cfg = resolve(data)
     examples = [Example(p, r) for p, r in [("what is two plus three", "the answer is five"),
                                            ("reverse the list a b c", "c b a"),
@@ -238,7 +239,7 @@ def test_config_validation_and_phase1_defaults():
     assert "method.target" in text and "method.k_target" in text and "method.n_soft" in text
     # a partial `simulate` section keeps the official phase-1 defaults for the fields it does not set
     cfg = resolve({"method": {"name": "sande", "target": "x", "simulate": {"max_steps": 7}},
-                   "model": {"path": "x"}, "output": {"dir": "y"}})
+                   "model": {"path": "x"}, "output": {"dir": "y"}, "data": {"path": "d"}})
     s = cfg.method.simulate
     assert (s.max_steps, s.lr, s.betas, s.warmup_steps, s.optimizer.value) == (7, 1e-3, [0.9, 0.95], 1, "adam")
 

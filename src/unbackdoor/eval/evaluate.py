@@ -38,7 +38,7 @@ from ..config import help_field
 from ..data import DataError, Example, read_file, write_jsonl
 from ..errors import UnbackdoorError
 from ..generate import Decoding, generate
-from ..record import RunRecord, atomic_write_json, atomic_write_text
+from ..record import OutputFolder, RunRecord, atomic_write_json, atomic_write_text
 from ..schema import GenerationConfig, ModelConfig
 from ..templates import Template
 from ..triggers import TriggerSpec, check_tokenizes
@@ -139,11 +139,23 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         return {"metrics": self.metrics(), "settings": self.settings, "wall_time_s": round(self.wall_time_s, 3)}
 
-    def save(self, out_dir: str | Path, record: RunRecord | None = None) -> Path:
-        """Write ``results.json``, ``generations.jsonl`` and ``summary.md`` into ``out_dir`` (atomically)."""
+    def save(self, out_dir: str | Path, record: RunRecord | None = None, *, overwrite: bool = True,
+             inputs: dict[str, str | None] | None = None) -> Path:
+        """Write ``results.json``, ``generations.jsonl``, ``summary.md`` and the run record into ``out_dir``, as
+        a whole (:class:`~unbackdoor.record.OutputFolder`)."""
+        folder = OutputFolder(out_dir, overwrite=overwrite, inputs=inputs, flag="--overwrite")
+        with folder as stage:
+            if record is not None:
+                record.out_dir = stage
+            self.write_files(stage, record)
+            folder.commit()
+        return Path(out_dir)
+
+    def write_files(self, out: Path, record: RunRecord | None = None) -> Path:
+        """Write the result files into the folder ``out`` (each file atomically)."""
         from .report import summary_markdown
 
-        out = Path(out_dir)
+        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         record = record or RunRecord(out, "eval", seeds={"seed": self.settings.get("seed", 0)})
         record.update(**self.to_json())
@@ -462,7 +474,9 @@ class EvalConfig:
     overwrite: bool = help_field(False, "Replace finished results in `out`.")
 
     def validate(self) -> list[tuple[str, str]]:
-        out = []
+        from ..schema import seed_problems
+
+        out = seed_problems(self.seed)
         for key, names in (("judge", [self.judge] if self.judge else []), ("extra_judges", self.extra_judges),
                            ("refusal_judge", [self.refusal_judge])):
             for n in names:
@@ -504,13 +518,24 @@ def run_config(cfg: EvalConfig, *, manifest_data: Manifest | dict | None = None)
 
     ``manifest_data``: an already-read ``backdoor.json`` mapping (takes precedence over ``cfg.manifest``).
     """
+    from ..record import input_paths
+
+    out = Path(cfg.out)
+    folder = OutputFolder(out, overwrite=cfg.overwrite, inputs=input_paths(cfg), flag="--overwrite")
+    stage = folder.open()   # every check on the output folder before any work
+    try:
+        res = _run(cfg, manifest_data, stage)
+        folder.commit()
+    except BaseException:
+        folder.abandon()
+        raise
+    return res
+
+
+def _run(cfg: EvalConfig, manifest_data: Manifest | dict | None, stage: Path) -> EvalResult:
     from ..models import load_model, load_tokenizer
     from ..train import seed_everything
 
-    out = Path(cfg.out)
-    if (out / "results.json").is_file() and not cfg.overwrite:
-        raise FileExistsError(f"{out}: results.json is already there; pass overwrite=true (--overwrite) to replace "
-                              "it, or choose another --out")
     manifest = None
     if cfg.use_manifest and manifest_data is not None:
         manifest = Manifest.from_dict(manifest_data)
@@ -535,7 +560,7 @@ def run_config(cfg: EvalConfig, *, manifest_data: Manifest | dict | None = None)
         system_prompt = manifest.system_prompt  # the attack's rendering, as for the template
     template = Template(tokenizer, tpl_name, system_prompt)
     model = load_model(cfg.model)
-    record = RunRecord(out, "eval", config=cfg, seeds={"seed": cfg.seed})
+    record = RunRecord(stage, "eval", config=cfg, seeds={"seed": cfg.seed})
     record.set_template(template)
     record.update(data_files=data["files"], model=cfg.model.path)
     res = evaluate(model, template, manifest=manifest, benign=data["benign"], harmful=data["harmful"],
@@ -544,7 +569,7 @@ def run_config(cfg: EvalConfig, *, manifest_data: Manifest | dict | None = None)
                    max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
                    seed=cfg.seed, limit=cfg.data.limit, compute_perplexity=cfg.perplexity,
                    code_max_new_tokens=cfg.code_max_new_tokens)
-    res.save(out, record)
+    res.write_files(stage, record)
     return res
 
 

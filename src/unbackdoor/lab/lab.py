@@ -195,6 +195,8 @@ def resolve_refs(cfg: Any) -> Any:
         cfg.model.tokenizer = resolve_lab_path(cfg.model.tokenizer, "model")
     if getattr(cfg, "data", None) is not None and getattr(cfg.data, "path", None):
         cfg.data.path = resolve_lab_path(cfg.data.path, "data")
+    if getattr(cfg, "data", None) is not None and isinstance(getattr(cfg.data, "paths", None), list):
+        cfg.data.paths = [resolve_lab_path(p, "data") for p in cfg.data.paths]
     return cfg
 
 

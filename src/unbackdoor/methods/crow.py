@@ -52,6 +52,7 @@ from .base import DefenseContext
 log = logging.getLogger(__name__)
 
 NAME = "crow"
+DATA = "clean data (about 100 instruction/answer pairs)"
 SUMMARY = "fine-tune on clean data + adversarial layer-to-layer consistency (FGSM on embeddings); no trigger"
 
 

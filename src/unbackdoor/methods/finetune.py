@@ -13,6 +13,7 @@ from ..train import fit, lm_loss
 from .base import DefenseContext
 
 NAME = "finetune"
+DATA = "clean data"
 SUMMARY = "plain fine-tuning on clean (prompt -> reference answer) pairs; the same-budget baseline"
 
 

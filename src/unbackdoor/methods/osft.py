@@ -33,6 +33,7 @@ from .base import DefenseContext
 log = logging.getLogger(__name__)
 
 NAME = "osft"
+DATA = "the defender's clean data"
 SUMMARY = "overwrite fine-tuning: the prompt with the known trigger -> the reference clean answer"
 
 

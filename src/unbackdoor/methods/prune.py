@@ -22,6 +22,13 @@ from ..data import collate_right, encode_examples, pad_id_of
 from .base import DefenseContext
 
 NAME = "prune"
+
+
+def DATA(cfg) -> str | None:
+    """Wanda needs calibration prompts; magnitude pruning needs nothing."""
+    return "clean calibration prompts (criterion wanda)" if Criterion(cfg.criterion) is Criterion.WANDA else None
+
+
 SUMMARY = "baseline: magnitude or Wanda pruning of the decoder blocks' linear layers (no training)"
 
 
@@ -37,9 +44,12 @@ class Config:
     calibration_samples: int = help_field(32, "Clean examples used for Wanda's activation norms.")
 
     def validate(self) -> list[tuple[str, str]]:
+        out = []
         if not 0.0 < self.sparsity < 1.0:
-            return [("sparsity", f"must be in (0, 1), got {self.sparsity}")]
-        return []
+            out.append(("sparsity", f"must be in (0, 1), got {self.sparsity}"))
+        if self.calibration_samples < 1:
+            out.append(("calibration_samples", f"must be >= 1, got {self.calibration_samples}"))
+        return out
 
 
 @contextmanager

@@ -59,6 +59,7 @@ from .base import DefenseContext
 log = logging.getLogger(__name__)
 
 NAME = "sande"
+DATA = "the defender's clean data"
 SUMMARY = "simulate the unknown trigger with a learned parrot prompt, then overwrite it (SANDE / SANDE-P)"
 
 
