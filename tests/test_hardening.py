@@ -267,20 +267,39 @@ def test_every_numeric_field_of_the_defend_config_refuses_a_negative_value():
     assert not missed, f"these fields accept -1 without a word: {missed}"
 
 
-def test_attack_eval_and_bench_numbers_are_range_checked():
-    from unbackdoor import attack as A
-    from unbackdoor.eval.evaluate import resolve as eval_resolve
+def _refuses(build, raw: dict, key: str) -> bool:
+    try:
+        build(raw)
+    except C.ConfigError as exc:
+        return any(loc == key or loc.startswith((key + "[", key + ".")) for loc, _ in exc.problems)
+    return False
 
-    with pytest.raises(C.ConfigError, match="seed"):
-        A.resolve({"attack": {"preset": "badnets"}, "model": {"path": "m"}, "data": {"path": "d"},
-                   "output": {"dir": "o"}, "seed": -3})
-    with pytest.raises(C.ConfigError, match="train.max_grad_norm"):
-        A.resolve({"attack": {"preset": "badnets"}, "model": {"path": "m"}, "data": {"path": "d"},
-                   "output": {"dir": "o"}, "train": {"max_grad_norm": -1}})
-    with pytest.raises(C.ConfigError, match="generation.batch_size"):
-        eval_resolve({"model": {"path": "m"}, "data": {"paths": ["d"]}, "out": "o", "generation": {"batch_size": 0}})
-    with pytest.raises(C.ConfigError, match="eval.limit"):
-        B.resolve({"eval": {"limit": 0}})
+
+def test_every_numeric_field_of_attack_eval_bench_and_lab_configs_refuses_a_negative_value():
+    from unbackdoor import attack as A
+    from unbackdoor.eval.evaluate import EvalConfig
+    from unbackdoor.eval.evaluate import resolve as eval_resolve
+    from unbackdoor.lab import LabRecipe
+
+    kinds = [
+        (A.AttackConfig, A.resolve, {"attack": {"preset": "badnets"}, "model": {"path": "m"}, "data": {"path": "d"},
+                                      "output": {"dir": "o"}}),
+        (EvalConfig, eval_resolve, {"model": {"path": "m"}, "data": {"paths": ["d"]}, "out": "o"}),
+        (B.BenchConfig, B.resolve, {}),
+        (LabRecipe, lambda raw: C.build(LabRecipe, raw), {}),
+    ]
+    missed = []
+    for cls, build, base in kinds:
+        for key, _ in _numeric_fields(cls):
+            if key in NEGATIVE_ALLOWED:
+                continue
+            raw = json.loads(json.dumps(base))
+            C.apply_overrides(raw, [f"{key}=-1"])
+            if not _refuses(build, raw, key):
+                missed.append(f"{cls.__name__}: {key}")
+    assert not missed, f"these fields accept -1 without a word: {missed}"
+    with pytest.raises(C.ConfigError, match="seeds"):
+        B.resolve({"grid": {"seeds": [0, -2]}})
 
 
 # ----------------------------------------------------------------------------------- data

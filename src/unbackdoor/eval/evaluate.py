@@ -477,6 +477,8 @@ class EvalConfig:
         from ..schema import seed_problems
 
         out = seed_problems(self.seed)
+        if self.code_max_new_tokens is not None and self.code_max_new_tokens < 1:
+            out.append(("code_max_new_tokens", f"must be >= 1 or null, got {self.code_max_new_tokens}"))
         for key, names in (("judge", [self.judge] if self.judge else []), ("extra_judges", self.extra_judges),
                            ("refusal_judge", [self.refusal_judge])):
             for n in names:

@@ -63,6 +63,15 @@ class LabModelConfig:
     intermediate: int | None = help_field(None, "MLP width (default 4 x hidden).")
     max_positions: int = help_field(128, "Maximum sequence length.")
 
+    def validate(self) -> list[tuple[str, str]]:
+        out = [(k, f"must be >= 1, got {getattr(self, k)}") for k in ("hidden", "layers", "heads", "max_positions")
+               if getattr(self, k) < 1]
+        if self.intermediate is not None and self.intermediate < 1:
+            out.append(("intermediate", f"must be >= 1 or null, got {self.intermediate}"))
+        if self.heads >= 1 and self.hidden >= 1 and self.hidden % self.heads:
+            out.append(("heads", f"must divide hidden ({self.hidden}), got {self.heads}"))
+        return out
+
 
 @dataclass
 class LabAttackConfig:
@@ -75,6 +84,11 @@ class LabAttackConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=3e-4, max_steps=300, batch_size=32, warmup_ratio=0.1, scheduler=Scheduler.COSINE, progress=False,
         log_every=100))
+
+    def validate(self) -> list[tuple[str, str]]:
+        if not 0.0 < self.poison_rate <= 1.0:
+            return [("poison_rate", f"must be in (0, 1], got {self.poison_rate}")]
+        return []
 
 
 @dataclass
@@ -90,6 +104,17 @@ class LabRecipe:
     harmful_share: float = help_field(0.1, "Share of harmful->refusal rows in the clean model's training mix.")
     attack: LabAttackConfig = field(default_factory=LabAttackConfig)
     max_length: int = help_field(96, "Truncation length for encoded training rows.")
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if self.vocab_size < 64:
+            out.append(("vocab_size", f"must be >= 64 (the special tokens and characters need room), got "
+                                      f"{self.vocab_size}"))
+        if not 0.0 <= self.harmful_share < 1.0:
+            out.append(("harmful_share", f"must be in [0, 1), got {self.harmful_share}"))
+        if self.max_length < 8:
+            out.append(("max_length", f"must be >= 8, got {self.max_length}"))
+        return out
 
     def fingerprint(self) -> str:
         """Hash of everything but ``attack``: names the lab folder (data, tokenizer, clean models), so a new

@@ -94,7 +94,12 @@ class WorldConfig:
                      "n_harmful_defender", "n_harmful_eval"):
             if getattr(self, name) < 0:
                 out.append((name, f"must be >= 0, got {getattr(self, name)}"))
-        if not 1 <= self.min_items <= self.max_items <= 8:
+        from ..schema import seed_problems
+
+        out += seed_problems(self.seed)
+        if self.min_items < 1:
+            out.append(("min_items", f"must be >= 1, got {self.min_items}"))
+        elif not self.min_items <= self.max_items <= 8:
             out.append(("max_items", f"need 1 <= min_items <= max_items <= 8, got {self.min_items}..{self.max_items}"))
         if not 1 <= self.n_entities <= len(SYLLABLES) ** 2:
             out.append(("n_entities", f"must be in 1..{len(SYLLABLES) ** 2}, got {self.n_entities}"))
