@@ -139,3 +139,68 @@ def test_cpu_bf16_only_when_asked_and_precision_can_change_in_one_process(tokeni
     assert seen == [False, cpu_has_bf16(), False]
     assert math.isfinite(res.losses[0])
     assert get_accelerator("no").mixed_precision == "no"
+
+
+def _changed_share(before: dict, model) -> float:
+    changed = total = 0
+    for n, p in model.named_parameters():
+        changed += (before[n].float() != p.detach().float()).sum().item()
+        total += p.numel()
+    return changed / total
+
+
+def test_bf16_full_fine_tuning_updates_the_weights(tokenizer):
+    """BEEAR's official outer lr 3e-7 on bf16 weights: plain AdamW steps on the bf16 parameters (what the loop
+    did before) change almost nothing; fit() trains them in fp32 and changes nearly every weight."""
+    feats, collate = _feats(tokenizer), TrainCollator(tokenizer)
+    cfg = TrainConfig(lr=3e-7, max_steps=25, batch_size=2, progress=False, max_grad_norm=None)
+
+    model = make_model("llama", tokenizer, hidden=64, layers=2, heads=2, seed=0).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    batch = collate(feats[:2])
+    for _ in range(cfg.max_steps):   # the old loop: the optimizer steps the bf16 tensors themselves
+        lm_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    in_bf16 = _changed_share(before, model)
+
+    model = make_model("llama", tokenizer, hidden=64, layers=2, heads=2, seed=0).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = fit(model, lm_loss, feats, cfg, collate_fn=collate)
+    in_fit = _changed_share(before, model)
+    assert res.upcast_from == "bfloat16" and next(model.parameters()).dtype == torch.float32
+    print(f"changed weights after {cfg.max_steps} steps at lr {cfg.lr}: bf16 {in_bf16:.2%}, fit {in_fit:.2%}")
+    assert in_bf16 < 0.10 and in_fit > 0.90, (in_bf16, in_fit)
+
+
+def test_fit_releases_what_it_prepared(tokenizer):
+    """The process-wide Accelerator keeps no model, optimizer or loader after fit(): five fits hold what one
+    holds (nothing), and each optimizer (with its Adam state) is garbage once fit returns."""
+    import gc
+    import weakref
+
+    from unbackdoor import train as T
+
+    refs = []
+    real = T.make_optimizer
+
+    def tracking(params, cfg):
+        opt = real(params, cfg)
+        refs.append(weakref.ref(opt))
+        return opt
+
+    T.make_optimizer = tracking
+    try:
+        for i in range(5):
+            model = make_model("llama", tokenizer, hidden=32, layers=2, heads=2, seed=i)
+            fit(model, lm_loss, _feats(tokenizer), TrainConfig(max_steps=2, batch_size=2, progress=False),
+                collate_fn=TrainCollator(tokenizer))
+    finally:
+        T.make_optimizer = real
+    acc = T.get_accelerator()
+    assert acc._models == [] and acc._optimizers == [] and acc._dataloaders == [] and acc._schedulers == []
+    gc.collect()
+    assert [r() for r in refs] == [None] * 5
+    # the model's forward is its own again (no autocast wrapper left behind)
+    assert "_original_forward" not in model.__dict__

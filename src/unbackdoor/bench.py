@@ -481,7 +481,7 @@ def _asr_with_parrot(model_dir: Path, parrot_dir: Path, lab, manifest: Manifest,
     from .templates import Template
 
     mcfg = ModelConfig(path=str(model_dir), template=manifest.template or "auto")
-    model = load_model(mcfg).eval()
+    model = load_model(mcfg, device="auto").eval()
     template = Template(load_tokenizer(mcfg), mcfg.template, manifest.system_prompt)
     parrot, info = load_parrot(parrot_dir)
     data = load_eval_data(lab.data_dir)

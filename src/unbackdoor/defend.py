@@ -121,6 +121,23 @@ def method_dict(cfg: DefendConfig) -> dict:
 RESUME_IGNORE = ("output", "train.progress", "train.log_every", "train.log_with", "train.checkpoint_every")
 
 
+def distributed_setup(cfg: DefendConfig) -> dict[str, Any]:
+    """Under ``accelerate launch``/``torchrun`` (WORLD_SIZE > 1), join the process group now, so that the
+    output folder is prepared by rank 0 while the others wait; returns what run.json records of the setup."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return {"processes": 1, "type": "single"}
+    from .train import get_accelerator
+
+    acc = get_accelerator(cfg.train.mixed_precision, bf16_on_cpu=cfg.train.bf16_on_cpu)
+    import torch.distributed as tdist
+
+    return {"processes": acc.num_processes, "type": str(acc.distributed_type).rsplit(".", 1)[-1],
+            "backend": tdist.get_backend() if tdist.is_initialized() else None,
+            "global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes}
+
+
 def defend(cfg: DefendConfig) -> dict[str, Any]:
     """Run the configured method; return the run summary (also written to ``output.dir/run.json``).
 
@@ -133,6 +150,7 @@ def defend(cfg: DefendConfig) -> dict[str, Any]:
     reset_peak_memory()
     mod = get_method(cfg.method.name)
     resolved = method_dict(cfg)
+    dist = distributed_setup(cfg)
     folder = OutputFolder(cfg.output.dir, overwrite=cfg.output.overwrite, inputs=input_paths(cfg), config=resolved,
                           ignore=RESUME_IGNORE)
     with folder as stage:
@@ -146,7 +164,8 @@ def defend(cfg: DefendConfig) -> dict[str, Any]:
         examples = load_examples(cfg.data, cfg.seed, report=report) if cfg.data.path else []
         if examples:
             record.update(data=check_examples(examples, template, cfg.data, report))
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, device="auto")
+        loaded_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         ctx = DefenseContext(cfg=cfg, model=model, tokenizer=tokenizer, template=template, examples=examples,
                              out_dir=stage, record=record)
         t0 = time.perf_counter()
@@ -154,7 +173,10 @@ def defend(cfg: DefendConfig) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         record.update(method=cfg.method.name, knows=threat_model(cfg.method.name).summary, metrics=metrics,
                       defense_wall_time_s=round(wall, 3), peak_memory_mb=round(peak_memory_mb(), 1),
-                      n_defender_examples=len(examples), resumed=folder.resumed or None)
+                      n_defender_examples=len(examples), resumed=folder.resumed or None, distributed=dist,
+                      model_device=str(next(ctx.model.parameters()).device),
+                      model_dtype={"loaded": loaded_dtype,
+                                   "saved": str(next(ctx.model.parameters()).dtype).removeprefix("torch.")})
         if cfg.output.save_model:
             save_model(ctx.model, tokenizer, stage / "model", merge=cfg.lora.merge)
         record.write(finished=True)

@@ -127,8 +127,22 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def inference_device(cfg: ModelConfig | None = None) -> torch.device:
+    """The device a model runs on outside training (``model.device``): 'auto' is this process's GPU
+    (``cuda:LOCAL_RANK``, the one Accelerate trains on) when CUDA is available, else the CPU."""
+    name = cfg.device if cfg is not None else "auto"
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
 def load_model(cfg: ModelConfig, *, device: torch.device | str | None = None) -> nn.Module:
-    """Load a causal LM by local path or hub id, safetensors only unless ``cfg.allow_pickle``."""
+    """Load a causal LM by local path or hub id, safetensors only unless ``cfg.allow_pickle``.
+
+    ``device``: where to put it (``"auto"``: :func:`inference_device`); None keeps it where it loads (the CPU),
+    for training, where Accelerate places it. ``model.device_map`` (inference of large models) overrides."""
     from transformers import AutoModelForCausalLM
 
     path = Path(cfg.path)
@@ -137,6 +151,10 @@ def load_model(cfg: ModelConfig, *, device: torch.device | str | None = None) ->
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.device_map and device is not None and not cfg.gguf_file:
+        kwargs["device_map"] = cfg.device_map
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
     else:
@@ -155,8 +173,8 @@ def load_model(cfg: ModelConfig, *, device: torch.device | str | None = None) ->
         model = dequantized_copy(model)
     if cfg.adapter:
         model = attach_adapter(model, cfg.adapter, cfg.adapter_mode)
-    if device is not None:
-        model.to(device)
+    if device is not None and not (cfg.device_map and not cfg.gguf_file):
+        model.to(inference_device(cfg) if str(device) == "auto" else device)
     return model
 
 
@@ -244,7 +262,11 @@ def unwrap_for_save(model: nn.Module, merge: bool = True) -> nn.Module:
 def save_model(model: nn.Module, tokenizer, folder: str | Path, *, merge: bool = True) -> Path:
     """Save model + tokenizer as safetensors into ``folder`` (a folder of the run's staging area); a write
     that fails (a full disk, a read-only folder) becomes one :class:`ModelLoadError` naming the folder."""
+    from .record import is_main_process
+
     folder = Path(folder)
+    if not is_main_process():   # one writer in a distributed run: rank 0 (DDP replicas hold the same weights)
+        return folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         to_save = unwrap_for_save(model, merge)

@@ -255,7 +255,7 @@ def build(max_new_tokens: int = 64, code_max_new_tokens: int = 128, batch_size: 
         return RealLab(model_dir, data_dir)
     cfg = ModelConfig(path=str(model_dir))
     tok = load_tokenizer(cfg)
-    model = load_model(cfg)
+    model = load_model(cfg, device="auto")
     tpl = Template(tok)
     files = {}
     t0 = time.perf_counter()

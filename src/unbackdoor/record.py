@@ -106,6 +106,8 @@ class RunRecord:
     def write(self, finished: bool = False) -> None:
         if finished:
             self.data["finished"] = now()
+        if not is_main_process():
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.config is not None:
             atomic_write_text(self.out_dir / "config.yaml",
@@ -230,13 +232,32 @@ def read_run_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _is_main_process() -> bool:
+def _dist():
     try:
         import torch.distributed as dist
 
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        return dist if dist.is_available() and dist.is_initialized() else None
     except Exception:  # pragma: no cover
-        return True
+        return None
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed run (``accelerate launch``/``torchrun`` set RANK), or the only process: the
+    one that writes outputs and records."""
+    dist = _dist()
+    if dist is not None:
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def barrier() -> None:
+    """Wait for every process of a distributed run (no-op otherwise)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+
 
 
 class OutputFolder:
@@ -271,6 +292,7 @@ class OutputFolder:
         check_not_input(out, self.inputs)
         if out.exists() and not out.is_dir():
             raise OutputError(f"{out}: exists and is a file, not a folder; choose another output folder")
+        main = is_main_process()
         if out.is_dir():
             run = out / "run.json"
             if run.is_file():
@@ -283,18 +305,20 @@ class OutputFolder:
                 raise OutputError(f"{out}: exists, is not empty and holds no run of unbackdoor (no run.json); "
                                   "an output folder is replaced as a whole, so choose a new or empty folder.")
         if self.staging.is_dir():
-            self._resume_or_discard()
-        try:
-            self.staging.mkdir(parents=True, exist_ok=True)
-            public_mode(self.staging, directory=True)
-            if self.key is not None:
-                atomic_write_json(self.staging / RESUME_FILE, {"key": self.key, "config": self.flat})
-        except OSError as exc:
-            raise OutputError(f"{out}: cannot write the output there ({exc.strerror or exc}). Choose a writable "
-                              "output folder.") from None
+            self._resume_or_discard(mutate=main)
+        if main:   # in a distributed run rank 0 prepares the folder; the others wait for it, then read only
+            try:
+                self.staging.mkdir(parents=True, exist_ok=True)
+                public_mode(self.staging, directory=True)
+                if self.key is not None:
+                    atomic_write_json(self.staging / RESUME_FILE, {"key": self.key, "config": self.flat})
+            except OSError as exc:
+                raise OutputError(f"{out}: cannot write the output there ({exc.strerror or exc}). Choose a "
+                                  "writable output folder.") from None
+        barrier()
         return self.staging
 
-    def _resume_or_discard(self) -> None:
+    def _resume_or_discard(self, mutate: bool = True) -> None:
         marker = self.staging / RESUME_FILE
         old = None
         if marker.is_file():
@@ -311,11 +335,12 @@ class OutputFolder:
                 f"{self.out_dir}: an interrupted run in {self.staging} was started with another config "
                 f"({config_diff(old.get('config') or {}, self.flat)}). Rerun with the same settings to resume it, "
                 f"or pass {self.flag} to discard it and start again.")
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if mutate:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def commit(self) -> Path:
         """Replace the output folder by the finished staging folder (the previous one is removed only after)."""
-        if not _is_main_process():
+        if not is_main_process():
             return self.out_dir
         for leftover in (self.staging / RESUME_FILE, self.staging / "checkpoint"):
             if leftover.is_dir():
@@ -342,7 +367,7 @@ class OutputFolder:
 
     def abandon(self) -> None:
         """After a failure: drop the staging folder unless it holds resumable progress (a checkpoint)."""
-        if _is_main_process() and self.staging.is_dir() and not _holds_progress(self.staging):
+        if is_main_process() and self.staging.is_dir() and not _holds_progress(self.staging):
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> Path:

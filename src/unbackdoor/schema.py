@@ -73,11 +73,38 @@ class ModelConfig:
     trust_remote_code: bool = help_field(
         False, "Run modelling code shipped with the checkpoint. Only for trusted models.")
     revision: Optional[str] = help_field(None, "Hub revision (branch, tag or commit) for hub ids.")
+    device: str = help_field(
+        "auto", "Where the model runs outside training (evaluation, perplexity, references, prune, quantize, "
+        "BEEAR's and SANDE's checks): 'auto' = this process's GPU (cuda:LOCAL_RANK) when there is one, else the "
+        "CPU; or a torch device such as cpu, cuda:1, mps. Training places it through Accelerate.")
+    device_map: Optional[str] = help_field(
+        None, "Hugging Face device_map for inference of a model too large for one device ('auto', 'balanced', "
+        "'sequential'); overrides model.device. Not for training (use FSDP/DeepSpeed there).")
+    attn_implementation: Optional[str] = help_field(
+        None, "Attention kernel: null (the library's default, sdpa where supported), 'eager', 'sdpa', "
+        "'flash_attention_2' (needs the flash-attn package and a GPU), 'flex_attention'.")
 
     def validate(self) -> list[tuple[str, str]]:
+        out = []
         if not self.path:
-            return [("path", "no model given; set model.path=/path/to/model (a HF folder or hub id)")]
-        return []
+            out.append(("path", "no model given; set model.path=/path/to/model (a HF folder or hub id)"))
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            out.append(("attn_implementation", f"got {self.attn_implementation!r}, expected one of "
+                                               f"{[a for a in ATTN_IMPLEMENTATIONS if a]} or null"))
+        if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+            out.append(("device_map", f"got {self.device_map!r}, expected auto, balanced, balanced_low_0, "
+                                      "sequential or null"))
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                out.append(("device", f"got {self.device!r}, expected 'auto' or a torch device (cpu, cuda:0)"))
+        return out
+
+
+ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass

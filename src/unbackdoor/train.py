@@ -43,8 +43,9 @@ class FitResult:
     metrics: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     wall_time_s: float = 0.0
-    peak_memory_mb: float = 0.0
+    peak_memory_mb: float = 0.0      # peak since the run's reset_peak_memory() (the whole run, not this fit)
     resumed_from: int = 0
+    upcast_from: str | None = None   # the half-precision dtype of trainable weights trained in fp32, if any
 
 
 def seed_everything(seed: int) -> None:
@@ -144,6 +145,31 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     name = {Scheduler.COSINE: "cosine", Scheduler.LINEAR: "linear",
             Scheduler.CONSTANT: "constant_with_warmup"}[cfg.scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def upcast_half_trainables(module: nn.Module, params: Sequence[nn.Parameter]) -> str | None:
+    """Train a model's half-precision weights in fp32: returns the old dtype (None when nothing changed).
+
+    An AdamW update of a bf16 weight rounds away whenever it is below half a unit in the last place
+    (2^-9 relative): at the official full-fine-tuning rates (BEEAR 3e-7, OSFT / SANDE 5e-6) 25 steps change
+    under 10% of bf16 weights, against ~100% in fp32 (tests/test_train.py). So when any trainable parameter of
+    ``module`` is bf16/fp16, the whole module goes to fp32 (parameters keep their identity, so optimizers and
+    hooks still hold them); ``train.mixed_precision=bf16`` then autocasts the arithmetic on a GPU — fp32 master
+    weights with bf16 compute, the usual recipe. The trained model stays fp32 (and is saved so): cast back to
+    bf16, updates this small would round away again. Costs 2x the weights' memory; LoRA adapters are fp32
+    already and never trigger this."""
+    mine = {id(p) for p in module.parameters()}
+    half = {p.dtype for p in params if id(p) in mine and p.dtype in HALF}
+    if not half:
+        return None
+    old = str(next(iter(half))).removeprefix("torch.")
+    log.warning("training %s weights in float32: half-precision updates at this learning rate would round to no "
+                "change; the trained model stays float32", old)
+    module.float()
+    return old
 
 
 def planned_steps(n_batches: int, cfg: TrainConfig) -> int:
@@ -248,6 +274,7 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
     id2name = {id(p): n for n, p in module.named_parameters()}
     named = {id2name.get(id(p), f"param{i}"): p for i, p in enumerate(params)}
 
+    upcast = upcast_half_trainables(module, params)
     if cfg.gradient_checkpointing and hasattr(module, "gradient_checkpointing_enable"):
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(module, "enable_input_require_grads"):
@@ -258,20 +285,19 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
     loader = DataLoader(list(dataset), batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate_fn,
                         generator=g, drop_last=False)
     optimizer = make_optimizer(params, cfg)
+    raw_module = module
     module, optimizer, loader = acc.prepare(module, optimizer, loader)
     total = planned_steps(len(loader), cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
     if cfg.log_with:
         acc.init_trackers(desc.replace(" ", "_"), config={"lr": cfg.lr, "steps": total})
 
-    result = FitResult()
+    result = FitResult(upcast_from=upcast)
     step = 0
     key = checkpoint_key(cfg, desc)
     if out_dir is not None and cfg.checkpoint_every:
         step = _load_checkpoint(Path(out_dir), named, optimizer, scheduler, key)
         result.resumed_from = step
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     module.train()
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (cfg.progress and acc.is_local_main_process),
@@ -333,6 +359,7 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
         bar.close()
         if cfg.log_with:
             acc.end_training()
+        _release(acc, module)
     if micro % cfg.grad_accum and step < total:  # leftover partial accumulation is dropped, never half-applied
         optimizer.zero_grad(set_to_none=True)
     result.steps = step
@@ -342,8 +369,20 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
         import shutil
 
         shutil.rmtree(_ckpt_dir(Path(out_dir)), ignore_errors=True)
-    module.eval()
+    raw_module.eval()
     return result
+
+
+def _release(acc, prepared: nn.Module) -> None:
+    """Forget what this fit() prepared: the process-wide Accelerator would otherwise keep every model,
+    optimizer (with its Adam state) and loader of every fit() — a BEEAR run's rounds, a bench's cells. The
+    autocast wrapper Accelerate put on the model's forward is removed too, so that the model evaluates as it
+    is afterwards."""
+    try:
+        acc.unwrap_model(prepared, keep_fp32_wrapper=False)
+    except Exception:  # pragma: no cover - a wrapper this accelerate version does not unwrap
+        pass
+    acc.free_memory()
 
 
 class _nullcontext:

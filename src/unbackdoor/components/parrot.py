@@ -236,9 +236,11 @@ def save_parrot(out_dir: str | Path, parrot: ParrotPrompt, info: ParrotInfo) -> 
     """Write ``parrot.safetensors`` and ``parrot.json`` (insertion info) into ``out_dir``."""
     from safetensors.torch import save_file
 
-    from ..record import atomic_write_json
+    from ..record import atomic_write_json, is_main_process
 
     out_dir = Path(out_dir)
+    if not is_main_process():
+        return out_dir / "parrot.safetensors"
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "parrot.safetensors.tmp"
     save_file({"embeds": parrot.embeds.detach().float().cpu().contiguous()}, str(tmp))

@@ -561,10 +561,11 @@ def _run(cfg: EvalConfig, manifest_data: Manifest | dict | None, stage: Path) ->
     if system_prompt is None and manifest and manifest.system_prompt:
         system_prompt = manifest.system_prompt  # the attack's rendering, as for the template
     template = Template(tokenizer, tpl_name, system_prompt)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, device="auto")
     record = RunRecord(stage, "eval", config=cfg, seeds={"seed": cfg.seed})
     record.set_template(template)
-    record.update(data_files=data["files"], model=cfg.model.path)
+    record.update(data_files=data["files"], model=cfg.model.path,
+                  model_device=str(next(model.parameters()).device))
     res = evaluate(model, template, manifest=manifest, benign=data["benign"], harmful=data["harmful"],
                    code=data["code"] or None, judge=cfg.judge, trigger=cfg.trigger, target=cfg.target,
                    target_text=cfg.target_text, refusal_judge=cfg.refusal_judge, extra_judges=cfg.extra_judges,

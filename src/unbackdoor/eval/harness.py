@@ -222,6 +222,9 @@ def run_harness(model_dir: str | Path, tasks: str | Sequence[str], out_dir: str 
     model_path = _check_model_dir(model_dir)
     names = parse_tasks(tasks)
     out = Path(out_dir)
+    from ..record import check_not_input
+
+    check_not_input(out, {"MODEL_DIR": str(model_dir)})   # harness files go beside an eval's, never into a model
     if (out / SUMMARY_FILE).is_file() and not overwrite:
         raise HarnessError(f"{out}: {SUMMARY_FILE} is already there; pass overwrite=True (--overwrite) to replace it")
     lm_eval = import_lm_eval()

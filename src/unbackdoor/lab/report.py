@@ -19,7 +19,7 @@ def quick_report(model_dir: str | Path, lab, max_new_tokens: int = 48, examples:
     without its trigger, on the lab's held-out sets (greedy). ``asr_examples`` keeps the first ``examples``
     triggered generations with their verdicts."""
     cfg = ModelConfig(path=str(model_dir))
-    model, template = load_model(cfg).eval(), Template(load_tokenizer(cfg), "auto")
+    model, template = load_model(cfg, device="auto").eval(), Template(load_tokenizer(cfg), "auto")
     res = evaluate(model, template, manifest=manifest or read_manifest(model_dir), benign=lab.data("eval_benign"),
                    harmful=lab.data("eval_harmful"), code=lab.data("eval_code"), max_new_tokens=max_new_tokens,
                    compute_perplexity=False)

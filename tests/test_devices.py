@@ -1,0 +1,46 @@
+"""Every inference path puts the model on the run's device (model.device), chosen in one place."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unbackdoor import models as M
+from unbackdoor.schema import ModelConfig
+
+
+def test_inference_device_is_this_process_gpu_or_the_cpu(monkeypatch):
+    assert M.inference_device(ModelConfig(path="m")) == torch.device("cpu") or torch.cuda.is_available()
+    assert M.inference_device(ModelConfig(path="m", device="cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert M.inference_device(ModelConfig(path="m")) == torch.device("cuda", 1)
+    assert M.inference_device(ModelConfig(path="m", device="cuda:0")) == torch.device("cuda", 0)
+
+
+def test_eval_prune_quantize_and_reports_load_onto_the_inference_device(lab, tmp_path, monkeypatch):
+    from unbackdoor import defend as D
+    from unbackdoor.eval.evaluate import evaluate_dir
+    from unbackdoor.lab.report import quick_report
+
+    calls = []
+    real = M.load_model
+
+    def spy(cfg, *, device=None):
+        model = real(cfg, device=device)
+        calls.append((device, next(model.parameters()).device))
+        return model
+
+    monkeypatch.setattr(M, "load_model", spy)
+    monkeypatch.setattr(D, "load_model", spy)
+    bad = Path(lab.backdoored("llama", "badnets", "refusal"))
+    res = evaluate_dir(bad, lab.data_dir, tmp_path / "eval", limit=2, max_new_tokens=4)
+    assert res.to_dict() and calls[-1] == ("auto", M.inference_device())
+    for method in ("prune", "quantize"):
+        cfg = D.load_config(f"configs/{method}/lab.yaml", [f"model.path={bad}", f"output.dir={tmp_path / method}",
+                                                           f"data.path={lab.path('defender_clean')}"])
+        run = D.defend(cfg)
+        assert calls[-1] == ("auto", M.inference_device()) and run["model_device"] == str(M.inference_device())
+    quick_report(bad, lab)
+    assert calls[-1] == ("auto", M.inference_device())

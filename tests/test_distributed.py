@@ -1,0 +1,73 @@
+"""Every trained method under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo DDP): exit 0,
+run.json records the setup, rank 0 alone writes a model that loads, and plain fine-tuning follows the
+1-process loss at the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unbackdoor.backdoor import read_manifest
+from unbackdoor.threats import knowledge_overrides, threat_model
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = {
+    "finetune": ["train.max_steps=4"], "osft": ["train.max_steps=3"],
+    "crow": ["method.layer_pairs=[0,1]", "method.last_pair=false", "train.max_steps=3"],
+    "sande": ["method.simulate.max_steps=2", "method.simulation_holdout=2", "train.max_steps=3"],
+    "beear": ["method.n_rounds=1", "method.inner_epochs=1", "method.check_samples=0", "method.token_length=2"],
+}
+
+
+def _run(argv: list[str], processes: int, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env.pop("UNBACKDOOR_TRACEBACK", None)
+    if processes == 1:
+        cmd = [sys.executable, "-m", "unbackdoor.cli", *argv]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "unbackdoor.cli", *argv]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _argv(method: str, lab, out: Path, *extra: str) -> list[str]:
+    bad = Path(lab.backdoored("llama", "badnets", "refusal"))
+    know = knowledge_overrides(method, threat_model(method), read_manifest(bad), lab, out.parent / "know")
+    return ["defend", method, "-c", f"configs/{method}/lab.yaml", f"model.path={bad}", *know,
+            f"output.dir={out}", "train.progress=false", *STEPS[method], *extra]
+
+
+#: Fine-tuning's same-global-batch settings (batch 1 on each of 2 processes, batch 2 on 1).
+SAME = ["train.grad_accum=1", "train.max_grad_norm=null", "data.limit=8"]
+
+
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_two_gloo_processes_run_every_trained_method(method, lab, tmp_path):
+    """For fine-tuning, also the 1-process run at the same global batch: the same 4 steps over the same
+    samples give the same final loss within 1% — not bit-equal, because each process averages its own
+    micro-batch's tokens and DDP then averages the processes, so rows of different lengths weigh differently
+    than in one batch of 2 (with equal-length rows the trajectories agree to 1e-4: test_train.py)."""
+    from unbackdoor.models import load_model
+    from unbackdoor.schema import ModelConfig
+
+    out = tmp_path / method
+    extra = [*SAME, "train.batch_size=1"] if method == "finetune" else []
+    r = _run(_argv(method, lab, out, *extra), 2, 29560 + sorted(STEPS).index(method))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["distributed"]["processes"] == 2 and run["distributed"]["backend"] == "gloo"
+    assert run["finished"] and run["metrics"]
+    assert load_model(ModelConfig(path=str(out / "model"))) is not None
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no staging left
+    if method == "finetune":
+        assert run["distributed"]["global_batch"] == 2
+        one = _run(_argv(method, lab, tmp_path / "one", *SAME, "train.batch_size=2"), 1, 0)
+        assert one.returncode == 0, one.stderr[-3000:]
+        r1 = json.loads((tmp_path / "one" / "run.json").read_text())
+        assert r1["distributed"]["processes"] == 1
+        assert run["metrics"]["final_loss"] == pytest.approx(r1["metrics"]["final_loss"], rel=1e-2)
