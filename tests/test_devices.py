@@ -44,3 +44,38 @@ def test_eval_prune_quantize_and_reports_load_onto_the_inference_device(lab, tmp
         assert calls[-1] == ("auto", M.inference_device()) and run["model_device"] == str(M.inference_device())
     quick_report(bad, lab)
     assert calls[-1] == ("auto", M.inference_device())
+
+
+def test_generation_and_perplexity_back_off_when_memory_runs_out(tiny_model, tokenizer, caplog):
+    """A model that runs out of memory on batches above 2: generation and perplexity halve their batch size
+    and give the results of an unconstrained run; at batch 1 the error names what to change."""
+    import pytest
+
+    from unbackdoor.data import Example
+    from unbackdoor.eval.metrics import perplexity
+    from unbackdoor.generate import generate
+    from unbackdoor.templates import Template
+
+    tpl = Template(tokenizer)
+    prompts = ["what is two plus three", "c b a", "reverse the list a b c", "hello", "say hi", "a b"]
+    refs = [Example(p, "the answer is five") for p in prompts]
+    free_gen = generate(tiny_model, tpl, prompts, max_new_tokens=4, batch_size=8)
+    free_ppl = perplexity(tiny_model, tpl, refs, batch_size=8)["nll"]
+
+    real_forward = tiny_model.forward
+    limit = {"rows": 2}
+
+    def tight(*a, **k):
+        ids = k.get("input_ids") if k.get("input_ids") is not None else k.get("inputs_embeds")
+        if ids.shape[0] > limit["rows"]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(*a, **k)
+
+    tiny_model.forward = tight
+    with caplog.at_level("WARNING"):
+        assert generate(tiny_model, tpl, prompts, max_new_tokens=4, batch_size=8) == free_gen
+        assert perplexity(tiny_model, tpl, refs, batch_size=8)["nll"] == pytest.approx(free_ppl, rel=1e-5)
+    assert "batch size lowered to 2" in caplog.text
+    limit["rows"] = 0
+    with pytest.raises(torch.OutOfMemoryError, match="batch size 1"):
+        generate(tiny_model, tpl, prompts, max_new_tokens=4, batch_size=8)

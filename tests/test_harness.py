@@ -12,7 +12,8 @@ ROWS_IN_TASK = sum(1 for line in (H.TASKS_DIR / "unbackdoor_mc.jsonl").read_text
 def test_missing_lm_eval_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
     with pytest.raises(H.LmEvalMissing) as err:
-        H.run_harness(tmp_path, "unbackdoor_mc", tmp_path / "out")
+        (tmp_path / "model").mkdir()
+        H.run_harness(tmp_path / "model", "unbackdoor_mc", tmp_path / "out")
     assert "pip install 'unbackdoor[lm-eval]'" in str(err.value)
     assert isinstance(err.value, ValueError)  # the CLI reports it as a clear error
 

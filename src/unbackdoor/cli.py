@@ -43,6 +43,10 @@ class _Main(click.Group):
             if os.environ.get("UNBACKDOOR_TRACEBACK"):
                 raise
             _fail(exc)
+        except RuntimeError as exc:  # out of accelerator memory: what to change, not a traceback
+            if type(exc).__name__ != "OutOfMemoryError" or os.environ.get("UNBACKDOOR_TRACEBACK"):
+                raise
+            _fail(exc)
 
 
 def _config_kinds():

@@ -4,6 +4,7 @@ outputs kept in place.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -12,6 +13,8 @@ from torch import nn
 
 from .data import collate_left, pad_id_of
 from .templates import Template
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,30 @@ class Decoding:
 def _gen_kwargs(tokenizer, max_new_tokens: int) -> dict:
     return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
                 top_k=None, use_cache=True, pad_token_id=pad_id_of(tokenizer), eos_token_id=tokenizer.eos_token_id)
+
+
+def batched_with_backoff(n: int, batch_size: int, run: Callable[[range], None], what: str) -> int:
+    """Call ``run`` on consecutive index ranges of at most ``batch_size`` covering ``range(n)``; when a batch
+    runs out of accelerator memory, free the cache, halve the batch size and retry that range (down to 1,
+    then the error is raised with the settings to change). Returns the batch size that worked last."""
+    s = 0
+    while s < n:
+        span = range(s, min(n, s + batch_size))
+        try:
+            run(span)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise torch.OutOfMemoryError(
+                    f"{what}: out of memory with batch size 1; shorten the inputs (max_new_tokens, "
+                    "data.max_length), load the model in bfloat16 (model.dtype) or spread it (model.device_map)."
+                ) from None
+            batch_size = max(1, batch_size // 2)
+            log.warning("%s: out of memory; batch size lowered to %d", what, batch_size)
+            continue
+        s = span.stop
+    return batch_size
 
 
 @torch.no_grad()
@@ -50,9 +77,10 @@ def generate_ids(model: nn.Module, tokenizer, prompts_ids: Sequence[Sequence[int
     order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))
     out: list[list[int]] = [[] for _ in prompts_ids]
     kwargs = _gen_kwargs(tokenizer, max_new_tokens)
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc="generate", disable=not progress, leave=False):
-        idx = order[s: s + batch_size]
+    bar = tqdm(total=len(order), desc="generate", disable=not progress, leave=False)
+
+    def run(span: range) -> None:
+        idx = [order[j] for j in span]
         batch = collate_left([prompts_ids[i] for i in idx], pad)
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
@@ -69,6 +97,12 @@ def generate_ids(model: nn.Module, tokenizer, prompts_ids: Sequence[Sequence[int
             while row and row[-1] == pad and pad != eos:
                 row.pop()
             out[i] = row
+        bar.update(len(idx))
+
+    try:
+        batched_with_backoff(len(order), batch_size, run, "generation")
+    finally:
+        bar.close()
     if was_training:
         model.train()
     return out

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data import IGNORE, Example, TrainCollator, encode
+from ..generate import batched_with_backoff
 from ..templates import Template
 
 #: Two-sided 95% normal quantile.
@@ -136,20 +137,26 @@ def perplexity(model: nn.Module, template: Template, examples: Sequence[Example]
     model.eval()
     device = next(model.parameters()).device
     collate = TrainCollator(template.tokenizer)
-    total_nll, total_tok = 0.0, 0
+    total = [0.0, 0]
+
+    def run(span: range) -> None:
+        batch = collate([feats[j] for j in span])
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        shift_labels = labels[:, 1:]
+        keep = shift_labels != IGNORE
+        # only the response positions go to fp32: a 32 x 512 batch on a 152k vocabulary would need ~10 GiB
+        picked = logits[:, :-1][keep].float()
+        nll = torch.nn.functional.cross_entropy(picked, shift_labels[keep], reduction="sum")
+        total[0] += float(nll)
+        total[1] += int(keep.sum())
+
     try:
-        for s in range(0, len(feats), batch_size):
-            batch = collate(feats[s: s + batch_size])
-            ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                    shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-            total_nll += float(nll)
-            total_tok += int((shift_labels != IGNORE).sum())
+        batched_with_backoff(len(feats), batch_size, run, "perplexity")
     finally:
         if was_training:
             model.train()
+    total_nll, total_tok = total
     mean = total_nll / max(total_tok, 1)
     return {"perplexity": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": total_tok,
             "n": len(feats), "skipped": skipped}
