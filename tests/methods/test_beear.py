@@ -221,3 +221,41 @@ def test_mismatched_placement_is_an_error(tiny_model, tokenizer):
         with perturb(tiny_model, 1, torch.zeros(2, 32), where):
             tiny_model(input_ids=ids)
     assert len(anatomy(tiny_model).layers[1]._forward_pre_hooks) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_delta_hook_gives_the_same_gradients_with_gradient_checkpointing(arch, tokenizer):
+    """The outer phase backpropagates after the δ hook's context has closed; with gradient checkpointing the
+    anchor layer is recomputed then. The gradients of every weight must equal those without checkpointing
+    (a transformers release that recomputes through the module's __call__ would drop δ: off by 5-37%)."""
+    from unbackdoor.arch import anatomy
+    from unbackdoor.components.perturb import Delta
+    from unbackdoor.data import pad_id_of
+    from unbackdoor.lab.arch import make_model
+    from unbackdoor.methods.beear import Config, _batch, _feat, _forward
+    from unbackdoor.templates import Template
+
+    tpl = Template(tokenizer)
+    cfg = Config()
+    feats = [_feat(tpl, p, r, None, 64) for p, r in [("what is two plus three", "the answer is five"),
+                                                      ("hello there", "I cannot help with that")]]
+    b = _batch(feats, pad_id_of(tokenizer), cfg.rows, cfg.positions)
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(arch, tokenizer, hidden=32, layers=4, heads=2, seed=0)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(0)
+        delta = Delta(cfg.rows, anatomy(model).embed.weight.shape[-1])
+        with torch.no_grad():
+            delta.delta.normal_(0, 1.0)
+        logits = _forward(model, b, 1, delta)
+        labels = b["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100)
+        loss.backward()   # outside the hook's context, as in the outer phase
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
