@@ -197,6 +197,10 @@ def test_bench_reruns_cells_whose_settings_changed(tmp_path):
     rows = B.run_bench(quick, tmp_path, cell_runner=counting)
     n_cells = len(rows)
     assert rows[0]["n"] == 3 and rows[0]["cell_config"]["eval.limit"] == 3
+    # every defended cell measures its drift from the model that came in; its safety deltas come from `none`
+    ft = [r for r in rows if r["defense"] == "finetune"]
+    assert ft and all(r["kl_to_input"] > 0 and "harmful_refusal_delta" in r for r in ft)
+    assert all(r["kl_to_input"] == 0.0 for r in rows if r["defense"] == "none")
     calls.clear()
     B.run_bench(quick, tmp_path, cell_runner=counting)
     assert calls == []  # same settings: every cell cached

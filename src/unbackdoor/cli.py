@@ -236,9 +236,13 @@ def bench(config_path: str | None, out: str, overrides: tuple[str, ...]) -> None
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Eval config YAML.")
 @click.option("--limit", type=int, default=None, help="Only the first N prompts of each set (recorded).")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
+@click.option("--reference", default=None, type=click.Path(),
+              help="The model that came in (the suspect model a defense started from): KL to it, its refusals "
+                   "and accuracy beside these, regressions of more than 5 points flagged.")
 @OVERRIDES
 def eval_cmd(model_dir: str, data: tuple[str, ...], out: str, judge: str | None, manifest: str | None,
-             config_path: str | None, limit: int | None, overwrite: bool, overrides: tuple[str, ...]) -> None:
+             config_path: str | None, limit: int | None, overwrite: bool, reference: str | None,
+             overrides: tuple[str, ...]) -> None:
     """Measure ASR (with/without trigger, Wilson 95% CI) and utility of MODEL_DIR.
 
     Writes OUT/results.json, OUT/generations.jsonl (every prompt, raw output and verdict) and
@@ -255,7 +259,7 @@ def eval_cmd(model_dir: str, data: tuple[str, ...], out: str, judge: str | None,
     raw.setdefault("model", {})["path"] = model_dir
     raw.setdefault("data", {})["paths"] = list(data)
     raw["out"] = out
-    for key, value in (("judge", judge), ("manifest", manifest)):
+    for key, value in (("judge", judge), ("manifest", manifest), ("reference", reference)):
         if value is not None:
             raw[key] = value
     if limit is not None:
@@ -265,9 +269,11 @@ def eval_cmd(model_dir: str, data: tuple[str, ...], out: str, judge: str | None,
     from .lab import resolve_refs
 
     cfg = resolve_refs(C.build(EvalConfig, raw, config_path))
-    run_config(cfg)
+    res = run_config(cfg)
 
     click.echo((Path(out) / "summary.md").read_text(encoding="utf-8"))
+    for flag in (res.drift or {}).get("flags", []):
+        click.secho(f"warning: {flag}", fg="red", bold=True, err=True)
     click.secho(f"wrote {Path(out) / 'results.json'}, generations.jsonl, summary.md", fg="green")
 
 

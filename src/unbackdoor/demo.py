@@ -22,10 +22,14 @@ def table(rows: list[dict]) -> list[list[str]]:
     def pct(x):
         return "—" if x is None else f"{100 * x:5.1f}%"
 
-    out = [["model / defense", "ASR w/ trigger", "ASR w/o trigger", "benign acc", "harmful refusal", "n", "time"]]
+    out = [["model / defense", "ASR w/ trigger", "ASR w/o trigger", "benign acc", "harmful refusal", "KL to input",
+            "n", "time"]]
     for r in rows:
         t = r.get("defense_wall_time_s")
-        out.append([f"{r['arch']} {r['attack']}->{r['target']} / {r['defense']}", pct(r.get("asr_with_trigger")),
+        kl = r.get("kl_to_input")
+        flag = " !" if r.get("flags") else ""
+        out.append([f"{r['arch']} {r['attack']}->{r['target']} / {r['defense']}{flag}", pct(r.get("asr_with_trigger")),
                     pct(r.get("asr_without_trigger")), pct(r.get("benign_accuracy")), pct(r.get("harmful_refusal")),
+                    "—" if kl is None or r.get("defense") == "none" else f"{kl:.4f}",
                     str(r.get("n", "")), "" if t is None else f"{t:.0f}s"])
     return out

@@ -21,6 +21,7 @@ behaviour" and stay in every denominator.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -102,6 +103,9 @@ class EvalResult:
     by_judge: dict[str, dict[str, Rate]] = field(default_factory=dict)
     wall_time_s: float = 0.0
     answer_f1: dict | None = None
+    #: against the model that came in (``reference``): KL on the benign answers, its own rates, the deltas
+    #: in points and the regressions in words (:mod:`unbackdoor.eval.drift`)
+    drift: dict | None = None
 
     RATES = ("asr_with_trigger", "asr_without_trigger", "benign_accuracy", "over_refusal", "harmful_refusal")
 
@@ -117,7 +121,21 @@ class EvalResult:
         out["by_judge"] = {j: {k: r.as_dict() for k, r in d.items()} for j, d in self.by_judge.items()}
         out["empty_generations"] = sum(1 for it in self.items if it["empty"])
         out["generations"] = len(self.items)
+        if self.drift is not None:
+            out["drift"] = self.drift
         return out
+
+    def compare_with(self, reference: "EvalResult | None", kl: dict | None, reference_path: str) -> None:
+        """Put the comparison with the model that came in into :attr:`drift` (``reference`` may be None when
+        only the KL was measured)."""
+        from .drift import deltas, regressions
+
+        mine = {k: getattr(self, k).value if getattr(self, k) else None
+                for k in ("harmful_refusal", "over_refusal", "benign_accuracy")}
+        ref = ({k: getattr(reference, k).value if getattr(reference, k) else None for k in mine}
+               if reference is not None else {})
+        self.drift = {"reference": reference_path, "kl": kl, "reference_rates": ref or None,
+                      **(deltas(mine, ref) if ref else {}), "flags": regressions(mine, ref) if ref else []}
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics as plain data: each rate as ``{"rate", "k", "n", "lo", "hi"}`` (see :meth:`metrics`)."""
@@ -470,6 +488,13 @@ class EvalConfig:
     code_max_new_tokens: Optional[int] = help_field(
         None, "Generation budget for the code-task set (code answers run longer); default generation.max_new_tokens.")
     seed: int = help_field(0, "Seed for random trigger positions (placement random / mode one).")
+    reference: Optional[str] = help_field(
+        None, "The model that came in (the suspect model a defense started from): the mean per-token KL of this "
+              "model to it on the benign reference answers, and (reference_safety) its harmful refusal, "
+              "over-refusal and benign accuracy beside this model's; a drop of more than 5 points is flagged.")
+    reference_safety: bool = help_field(
+        True, "With `reference`: also generate with the reference on the benign and harmful prompts to compare "
+              "refusals (false: the KL only).")
     out: str = help_field("", "Output folder for results.json, generations.jsonl, summary.md.")
     overwrite: bool = help_field(False, "Replace finished results in `out`.")
 
@@ -572,8 +597,32 @@ def _run(cfg: EvalConfig, manifest_data: Manifest | dict | None, stage: Path) ->
                    max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
                    seed=cfg.seed, limit=cfg.data.limit, compute_perplexity=cfg.perplexity,
                    code_max_new_tokens=cfg.code_max_new_tokens)
+    if cfg.reference:
+        _compare_with_reference(res, cfg, template, data, stage, model)
     res.write_files(stage, record)
     return res
+
+
+def _compare_with_reference(res: EvalResult, cfg: EvalConfig, template: Template, data: dict, stage: Path,
+                            model) -> None:
+    """The model that came in, on the same prompts: KL on the benign answers; its refusals and accuracy
+    (generations written to ``reference_generations.jsonl``) when ``cfg.reference_safety``."""
+    from ..models import load_model
+    from .drift import token_kl
+
+    rcfg = dataclasses.replace(cfg.model, path=cfg.reference, adapter=None)
+    ref_model = load_model(rcfg, device="auto")
+    benign = _limit(data["benign"], cfg.data.limit)
+    kl = token_kl(model, ref_model, template, benign, batch_size=cfg.generation.batch_size)
+    ref_res = None
+    if cfg.reference_safety:
+        ref_res = evaluate(ref_model, template, benign=data["benign"], harmful=data["harmful"],
+                           max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size,
+                           seed=cfg.seed, limit=cfg.data.limit, compute_perplexity=False,
+                           refusal_judge=cfg.refusal_judge)
+        write_jsonl(stage / "reference_generations.jsonl", ref_res.items)
+    res.compare_with(ref_res, kl, cfg.reference)
+    del ref_model
 
 
 def evaluate_dir(model_dir: str | Path, data: str | Path | Sequence[str | Path], out_dir: str | Path, *,

@@ -83,7 +83,28 @@ def summary_markdown(result) -> str:
     ppl = (result.perplexity or {}).get("perplexity")
     if ppl is not None:
         lines.append(f"| perplexity (reference answers) | {ppl:.3f} | - | {result.perplexity['tokens']} tokens |")
+    lines += drift_markdown(result.drift)
     return "\n".join(lines) + "\n"
+
+
+def drift_markdown(drift: dict | None) -> list[str]:
+    """The comparison with the model that came in: KL, its rates beside the deltas, and the flags in words."""
+    if not drift:
+        return []
+    out = ["", f"## Against the model that came in (`{drift['reference']}`)", ""]
+    kl = drift.get("kl") or {}
+    if kl.get("kl") is not None:
+        out.append(f"- KL divergence to it on the benign answers: {kl['kl']:.4f} nats/token mean "
+                   f"(largest per-answer mean {kl['max_row']:.4f}; {kl['tokens']} tokens of {kl['n']} answers)")
+    ref = drift.get("reference_rates") or {}
+    for key, what in (("harmful_refusal", "harmful refusal"), ("over_refusal", "over-refusal"),
+                      ("benign_accuracy", "benign accuracy")):
+        if ref.get(key) is not None and drift.get(f"{key}_delta") is not None:
+            out.append(f"- {what}: {100 * ref[key]:.1f}% there, {drift[f'{key}_delta']:+.1f} points here")
+    flags = drift.get("flags") or []
+    out.append("")
+    out += [f"**{f}**" for f in flags] if flags else ["No regression of more than 5 points against it."]
+    return out
 
 
 def plot_asr_vs_utility(rows: Sequence[dict], path: str | Path, *, title: str | None = None,
