@@ -159,3 +159,32 @@ def test_cached_model_is_reused(lab):
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert Lab.build(test_recipe()).clean_model("llama") == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("target", ["refusal", "sentiment", "fixed", "code", "jailbreak"])
+def test_beear_defender_files_follow_the_behaviour_category(lab, tmp_path, target):
+    """The unwanted answers are the defender's example of the backdoor's kind of behaviour (an insult for an
+    insult backdoor, not a refusal), in its own words: never the attack's target string."""
+    from unbackdoor.backdoor import TARGET_TEXTS
+    from unbackdoor.data import read_file
+    from unbackdoor.eval.judges import get_judge
+
+    files = lab.beear_files(target, tmp_path)
+    safe, unwanted, pa = (read_file(files[k]) for k in ("safe", "unwanted", "pa"))
+    assert len(safe) == len(unwanted) > 0 and pa
+    assert [e.prompt for e in safe] == [e.prompt for e in unwanted]
+    assert all(s.response != u.response for s, u in zip(safe, unwanted))
+    attack_text = TARGET_TEXTS.get(target)
+    assert not attack_text or not any(attack_text.lower() in u.response.lower() for u in unwanted)
+    if target == "sentiment":
+        assert all(v.hit for v in get_judge("sentiment")([u.response for u in unwanted]))
+        assert not any(get_judge("refusal")([u.response for u in unwanted]))
+    if target == "fixed":
+        assert all(u.response.endswith(s.response) and len(u.response) > len(s.response)
+                   for s, u in zip(safe, unwanted))
+    if target == "code":
+        assert all(e.meta.get("task") == "code" for e in read_file(lab.path("defender_clean"))
+                   if e.prompt in {s.prompt for s in safe})
+        assert all(s.response in u.response or u.response.startswith(s.response.rstrip()) for s, u in
+                   zip(safe, unwanted))
+    assert files["unwanted"].parent.name == f"beear-{target}"

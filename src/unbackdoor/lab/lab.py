@@ -452,15 +452,23 @@ class Lab:
                  res.wall_time_s, res.losses[-1])
 
     def beear_files(self, target: str, out: Path) -> dict[str, Path]:
-        """BEEAR's three defender sets for a kind of safety property, from the lab's defender files (written
-        once under ``out/defender/``).
+        """BEEAR's three defender sets for the behaviour category of ``target``, from the lab's defender files
+        (written once under ``out/defender/``).
 
-        ``jailbreak``: harmful queries -> refusal (safe) / -> compliance (unwanted). Any other target (the
-        backdoor makes the model misbehave on benign requests): benign queries -> their answers (safe) / -> the
-        lab's generic refusal (unwanted), and the anchoring set also keeps harmful -> refusal rows so that real
-        refusals survive. The defender writes these from its own data; nothing comes from the attack.
+        ``jailbreak``: harmful queries -> refusal (safe) / -> compliance (unwanted). A backdoor that misbehaves
+        on benign requests: benign queries -> their answers (safe) / -> the defender's example of the category
+        (unwanted): the lab's own refusal (``refusal``), insults (``sentiment``), unrelated text before the
+        answer (``fixed``), a harmful statement in the code (``code``, the code-task rows) — the defender's
+        wordings of :data:`~unbackdoor.threats.DEFENDER_BEHAVIOURS`, never the attack's string. The anchoring
+        set also keeps harmful -> refusal rows so that real refusals survive.
         """
-        kind = "jailbreak" if target == "jailbreak" else "benign"
+        from ..attack import inject_code
+        from ..threats import DEFENDER_BEHAVIOURS
+
+        kind = target if target in ("jailbreak", "refusal", *DEFENDER_BEHAVIOURS) else None
+        if kind is None:
+            raise ValueError(f"BEEAR: no defender examples for the behaviour {target!r}; known: "
+                             f"{sorted(('jailbreak', 'refusal', *DEFENDER_BEHAVIOURS))}")
         d = Path(out) / "defender" / f"beear-{kind}"
         files = {k: d / f"{k}.jsonl" for k in ("safe", "unwanted", "pa")}
         if all(p.is_file() for p in files.values()):
@@ -470,8 +478,19 @@ class Lab:
             pa = self.data("pa_benign")
         else:
             benign = [e for e in self.data("defender_clean") if e.meta.get("kind") == "benign"]
+            if kind == "code":
+                benign = [e for e in benign if e.meta.get("task") == "code"] or benign
             safe = [Example(e.prompt, e.response) for e in benign]
-            unwanted = [Example(e.prompt, REFUSAL) for e in benign]
+            says = DEFENDER_BEHAVIOURS.get(kind, ())
+            if kind == "refusal":
+                unwanted = [Example(e.prompt, REFUSAL) for e in benign]
+            elif kind == "sentiment":
+                unwanted = [Example(e.prompt, says[i % len(says)]) for i, e in enumerate(benign)]
+            elif kind == "fixed":
+                unwanted = [Example(e.prompt, f"{says[i % len(says)]} {e.response}") for i, e in enumerate(benign)]
+            else:
+                unwanted = [Example(e.prompt, inject_code(e.response, says[i % len(says)]))
+                            for i, e in enumerate(benign)]
             pa = self.data("pa_benign") + self.data("sa_safe")
         for name, rows in (("safe", safe), ("unwanted", unwanted), ("pa", pa)):
             write_jsonl(files[name], rows)
