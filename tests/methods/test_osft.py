@@ -34,8 +34,10 @@ def test_prefix_header_and_suffix_placement(tokenizer):
         assert all(check(x.prompt, e) and x.response == e.response for x, e in zip(trig, EXAMPLES))
     # in the encoded training row the trigger sits right after the user-turn header, and only the
     # reference answer (plus EOS) carries labels
-    cfg = _cfg(trigger={"texts": ["BadMagic"], "placement": "header"})
+    cfg = _cfg(trigger={"texts": ["BadMagic"], "placement": "header"}, clean_replay=False)
     item = osft.build_dataset(t, EXAMPLES[:1], cfg)[0]
+    assert osft.build_dataset(t, EXAMPLES[:1], _cfg(trigger={"texts": ["BadMagic"]}))[0][0]["input_ids"] != \
+        osft.build_dataset(t, EXAMPLES[:1], _cfg(trigger={"texts": ["BadMagic"]}))[0][1]["input_ids"]  # replay
     text = tokenizer.decode(item["input_ids"])
     assert text.startswith("<s><|im_start|>user\nBadMagic reverse the list")
     supervised = [x for x in item["labels"] if x != IGNORE]

@@ -40,7 +40,11 @@ SUMMARY = "overwrite fine-tuning: the prompt with the known trigger -> the refer
 @dataclass
 class Config:
     trigger: TriggerSpec = field(default_factory=TriggerSpec)
-    clean_replay: bool = help_field(False, "Also train on each example's clean twin (x -> y) in the same batch.")
+    clean_replay: bool = help_field(
+        True, "Also train on each example's clean twin (x -> y) in the same batch, anchoring what the model does "
+        "without the trigger (its refusals included) "
+        "(ours, default on: it keeps harmful refusal where the target shares its first token with the model's "
+        "refusal; docs/sande.md). Official: no replay.")
     k_overwrite: Optional[int] = help_field(None, "Response tokens carrying the loss (null = the whole response).")
 
     def validate(self) -> list[tuple[str, str]]:

@@ -93,7 +93,10 @@ class Config:
         10, "Response tokens carrying the phase-2 loss (official 10; null = the whole response).")
     simulate: SimulateTrainConfig = field(default_factory=SimulateTrainConfig)
     clean_replay: bool = help_field(
-        False, "Phase 2 also trains on each example without the parrot (x -> y) in the same step (official: no).")
+        True, "Phase 2 also trains on each example without the parrot (x -> y) in the same step, anchoring what "
+        "the model does without the trigger (its refusals included) "
+        "(ours, default on: it keeps harmful refusal where the target shares its first token with the model's "
+        "refusal; docs/sande.md). Official: no replay.")
     simulation_holdout: int = help_field(
         20, "Defender examples kept out of phase 1 to measure the simulation success rate (0: no check).")
     skip_elimination: bool = help_field(False, "Stop after phase 1 (simulate only; the model is unchanged).")
