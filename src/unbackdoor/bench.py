@@ -16,6 +16,7 @@ clean replay or a CROW ε sweep are rows of one grid. What each defense is told 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -88,6 +89,10 @@ class GridConfig:
     defenses: list[str] = help_field(["none", "finetune", "crow"],
                                      "'none', 'clean', method names (`unbackdoor ls methods`) or names of `variants`.")
     seeds: list[int] = help_field([0, 1, 2], "Seeds: each seed is its own backdoored model and defense run.")
+    clean_seeds: list[int] = help_field(
+        [0], "Clean-model seeds (tiny lab): each is its own clean model, trained from scratch, that the backdoors "
+             "are implanted into; a new machine or seed is a new clean model, so spread over these says how much "
+             "a result depends on the model in hand.")
 
     def grid_backdoors(self) -> list[GridBackdoor]:
         """The backdoors of the grid, in order."""
@@ -100,6 +105,11 @@ class GridConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         out = [p for i, s in enumerate(self.seeds) for p in seed_problems(s, f"seeds[{i}]")]
+        out += [p for i, s in enumerate(self.clean_seeds) for p in seed_problems(s, f"clean_seeds[{i}]")]
+        if not self.clean_seeds:
+            out.append(("clean_seeds", "empty; use [0] for the lab's first clean model"))
+        if self.lab == "smollm2" and self.clean_seeds != [0]:
+            out.append(("clean_seeds", "the real scenario has one pretrained model; leave clean_seeds at [0]"))
         if self.recipe not in RECIPES:
             out.append(("recipe", f"got {self.recipe!r}.{C.suggest(self.recipe, RECIPES)} Expected 'test' or "
                                   "'default'"))
@@ -347,19 +357,24 @@ class Cell:
     target: str
     seed: int
     defense: str
+    clean_seed: int = 0
 
     @property
     def rel(self) -> str:
-        return f"cells/{self.arch}/{self.attack}-{self.target}/s{self.seed}/{self.defense}"
+        model = f"s{self.seed}" + (f"-c{self.clean_seed}" if self.clean_seed else "")
+        return f"cells/{self.arch}/{self.attack}-{self.target}/{model}/{self.defense}"
 
     @property
-    def model_key(self) -> tuple[str, str, str, int]:
-        return (self.arch, self.attack, self.target, self.seed)
+    def model_key(self) -> tuple[str, str, str, int, int]:
+        return (self.arch, self.attack, self.target, self.seed, self.clean_seed)
+
+    def with_defense(self, defense: str) -> "Cell":
+        return dataclasses.replace(self, defense=defense)
 
 
 def cells_of(grid: GridConfig) -> list[Cell]:
-    return [Cell(a, b.label, b.target.value, s, d) for a in grid.archs for b in grid.grid_backdoors()
-            for s in grid.seeds for d in grid.defenses]
+    return [Cell(a, b.label, b.target.value, s, d, c) for a in grid.archs for c in grid.clean_seeds
+            for b in grid.grid_backdoors() for s in grid.seeds for d in grid.defenses]
 
 
 def backdoor_of(cell: Cell, grid: GridConfig) -> GridBackdoor:
@@ -369,8 +384,9 @@ def backdoor_of(cell: Cell, grid: GridConfig) -> GridBackdoor:
 def backdoored_model(lab, cell: Cell, grid: GridConfig) -> Path:
     """The backdoored model of a cell (made by the lab if needed)."""
     b = backdoor_of(cell, grid)
+    extra = {"clean_seed": cell.clean_seed} if cell.clean_seed else {}
     return Path(lab.backdoored(cell.arch, attack=b.label, target=b.target.value, seed=cell.seed, trigger=b.trigger,
-                               target_text=b.target_text))
+                               target_text=b.target_text, **extra))
 
 
 #: What a cell measures; raised when a cell starts measuring something new (2: KL to the model that came in),
@@ -384,7 +400,8 @@ def cell_key(cell: Cell, cfg: BenchConfig, lab=None) -> tuple[str, dict[str, Any
     settings it was computed from. A cached cell is reused only when its key is the current one."""
     parts: dict[str, Any] = {"measures": CELL_MEASURES, "lab": cfg.grid.lab, "recipe": cfg.grid.recipe,
                              "lab_root": Path(str(getattr(lab, "root", ""))).name or None,
-                             "backdoor": backdoor_of(cell, cfg.grid), "eval": cfg.eval, "defense": cell.defense}
+                             "backdoor": backdoor_of(cell, cfg.grid), "eval": cfg.eval, "defense": cell.defense,
+                             "clean_model_seed": cell.clean_seed}
     if cell.defense not in ("none", "clean"):
         spec = defense_spec(cell.defense, cfg)
         parts["spec"] = {"method": spec.method, "config": C.load_yaml(spec.config), "overrides": list(spec.overrides),
@@ -402,11 +419,12 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
         backdoored = backdoored_model(lab, cell, cfg.grid)
         manifest = read_manifest(backdoored)
         row: dict[str, Any] = {"arch": cell.arch, "attack": cell.attack, "target": cell.target, "seed": cell.seed,
+                               "clean_seed": cell.clean_seed,
                                "defense": cell.defense, "cell": cell.rel, "cell_key": key, "cell_config": settings}
         if cell.defense == "none":
             model_dir = backdoored
         elif cell.defense == "clean":
-            model_dir = Path(lab.clean_model(cell.arch, seed=cell.seed))
+            model_dir = Path(lab.clean_model(cell.arch, seed=cell.clean_seed))
         else:
             spec = defense_spec(cell.defense, cfg)
             skip = cannot_defend(spec.threat, manifest)
@@ -435,7 +453,7 @@ def _run_defense(cell: Cell, spec: DefenseSpec, cfg: BenchConfig, out: Path, lab
     knowledge = knowledge_overrides(spec.method, spec.threat, manifest, lab, out)
     steps = None
     if spec.steps_of:
-        ref = _cached_row(out, Cell(cell.arch, cell.attack, cell.target, cell.seed, spec.steps_of))
+        ref = _cached_row(out, cell.with_defense(spec.steps_of))
         steps = (ref or {}).get("steps")
         if not steps:
             raise C.ConfigError([(f"variants.{cell.defense}.steps_of", f"the {spec.steps_of!r} cell of this model has "
@@ -650,7 +668,7 @@ def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: 
 
     def ready(cell: Cell) -> bool:
         ref = deps.get(cell.defense)
-        return ref is None or Cell(*cell.model_key, ref) in rows or Cell(*cell.model_key, ref) not in cells
+        return ref is None or cell.with_defense(ref) in rows or cell.with_defense(ref) not in cells
 
     with ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,), max_tasks_per_child=None if cfg.reuse_workers else 1) as pool:
@@ -749,10 +767,13 @@ def add_safety_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from .eval.drift import deltas, regressions
 
     keys = ("harmful_refusal", "over_refusal", "benign_accuracy")
-    base = {(r["arch"], r["attack"], r["target"], r["seed"]): r for r in rows if r.get("defense") == "none"}
+    def key(r):
+        return r["arch"], r["attack"], r["target"], r["seed"], r.get("clean_seed", 0)
+
+    base = {key(r): r for r in rows if r.get("defense") == "none"}
     flagged = []
     for r in rows:
-        ref = base.get((r["arch"], r["attack"], r["target"], r["seed"]))
+        ref = base.get(key(r))
         if r.get("defense") in ("none", "clean") or ref is None or r.get("skipped"):
             continue
         mine, theirs = {k: r.get(k) for k in keys}, {k: ref.get(k) for k in keys}

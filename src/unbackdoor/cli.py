@@ -333,8 +333,11 @@ def harness_cmd(model_dir: str, tasks: str, out: str, include_paths: tuple[str, 
 @main.command()
 @click.option("--out", "out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Output folder: results.json, report.md, plots, one folder per cell (resumable).")
+@click.option("--clean-seed", "clean_seeds", multiple=True, type=int,
+              help="Clean-model seed(s): the lab trains a clean model per seed and implants the backdoor into it "
+                   "(repeatable; default 0).")
 @OVERRIDES
-def demo(out: str, overrides: tuple[str, ...]) -> None:
+def demo(out: str, clean_seeds: tuple[int, ...], overrides: tuple[str, ...]) -> None:
     """The main job on the tiny lab: build the lab, implant a backdoor, remove it with every defense.
 
     Overrides apply to configs/bench/demo.yaml, e.g. `grid.recipe=test` for a faster, rougher run.
@@ -344,6 +347,8 @@ def demo(out: str, overrides: tuple[str, ...]) -> None:
 
     from .demo import run_demo, table
 
+    if clean_seeds:
+        overrides = (*overrides, f"grid.clean_seeds=[{','.join(str(s) for s in clean_seeds)}]")
     rows = run_demo(out, list(overrides), progress=click.echo)
 
     head, *body = table(rows)

@@ -28,7 +28,9 @@ def table(rows: list[dict]) -> list[list[str]]:
         t = r.get("defense_wall_time_s")
         kl = r.get("kl_to_input")
         flag = " !" if r.get("flags") else ""
-        out.append([f"{r['arch']} {r['attack']}->{r['target']} / {r['defense']}{flag}", pct(r.get("asr_with_trigger")),
+        clean = f" c{r['clean_seed']}" if r.get("clean_seed") else ""
+        out.append([f"{r['arch']}{clean} {r['attack']}->{r['target']} / {r['defense']}{flag}",
+                    pct(r.get("asr_with_trigger")),
                     pct(r.get("asr_without_trigger")), pct(r.get("benign_accuracy")), pct(r.get("harmful_refusal")),
                     "—" if kl is None or r.get("defense") == "none" else f"{kl:.4f}",
                     str(r.get("n", "")), "" if t is None else f"{t:.0f}s"])
