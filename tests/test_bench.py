@@ -151,3 +151,26 @@ def test_custom_backdoor_and_variants_in_one_grid(lab, tmp_path):
     assert ft["method"] == {"name": "finetune"} and rows["finetune-osft"]["knows"] == "clean_data"
     assert rows["finetune-osft"]["steps"] == rows["osft"]["steps"] and ft["train"]["max_steps"] == rows["osft"]["steps"]
     assert ft["train"]["lr"] == osft["train"]["lr"]     # the osft config lent its shared sections
+
+
+def test_clean_seeds_are_an_axis_with_their_own_models():
+    g = B.resolve({"grid": {"archs": ["llama"], "pairs": ["badnets:refusal"], "seeds": [0],
+                            "clean_seeds": [0, 1], "defenses": ["none", "clean"]}}).grid
+    cells = B.cells_of(g)
+    assert [c.rel.removeprefix("cells/llama/badnets-refusal/") for c in cells] == [
+        "s0/none", "s0/clean", "s0-c1/none", "s0-c1/clean"]
+    assert len({c.model_key for c in cells}) == 2
+
+    class SpyLab:
+        calls = []
+
+        def backdoored(self, arch, **kw):
+            self.calls.append(kw)
+            return "x"
+
+    B.backdoored_model(SpyLab(), cells[2], g)
+    assert SpyLab.calls[-1]["clean_seed"] == 1
+    with pytest.raises(C.ConfigError, match="clean_seeds"):
+        B.resolve({"grid": {"clean_seeds": [-1]}})
+    with pytest.raises(C.ConfigError, match="one pretrained model"):
+        B.resolve({"grid": {"lab": "smollm2", "archs": ["smollm2"], "pairs": ["vpi:refusal"], "clean_seeds": [1]}})
