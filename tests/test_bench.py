@@ -121,7 +121,7 @@ def test_every_shipped_bench_config_validates_and_steps_of_runs_after_its_refere
     for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
         B.load_config(path)
     cfg = B.load_config(ROOT / "configs" / "bench" / "lab_beear.yaml")
-    cells = [c for c in B.cells_of(cfg.grid) if c.model_key == ("llama", "badnets", "refusal", 0)]
+    cells = [c for c in B.cells_of(cfg.grid) if c.model_key == ("llama", "badnets", "refusal", 0, 0)]
     order = [c.defense for c in B._heavy_first(cells, cfg)]
     assert order.index("beear") < order.index("finetune-beear") and order[-1] == "none"
     with pytest.raises(C.ConfigError, match="steps_of.*not a defense of this grid"):
