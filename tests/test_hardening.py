@@ -201,6 +201,8 @@ def test_bench_reruns_cells_whose_settings_changed(tmp_path):
     ft = [r for r in rows if r["defense"] == "finetune"]
     assert ft and all(r["kl_to_input"] > 0 and "harmful_refusal_delta" in r for r in ft)
     assert all(r["kl_to_input"] == 0.0 for r in rows if r["defense"] == "none")
+    # and its distance from the clean model the backdoor was implanted into (the backdoor itself moved it)
+    assert all(r["kl_to_clean"] > 0 and r["kl_to_clean_tokens"] > 0 for r in rows)
     calls.clear()
     B.run_bench(quick, tmp_path, cell_runner=counting)
     assert calls == []  # same settings: every cell cached

@@ -389,9 +389,9 @@ def backdoored_model(lab, cell: Cell, grid: GridConfig) -> Path:
                                target_text=b.target_text, **extra))
 
 
-#: What a cell measures; raised when a cell starts measuring something new (2: KL to the model that came in),
-#: so that cached cells without it run again.
-CELL_MEASURES = 2
+#: What a cell measures; raised when a cell starts measuring something new (2: KL to the model that came in;
+#: 3: KL to the clean model), so that cached cells without it run again.
+CELL_MEASURES = 3
 
 
 def cell_key(cell: Cell, cfg: BenchConfig, lab=None) -> tuple[str, dict[str, Any]]:
@@ -494,10 +494,31 @@ def _evaluate_cell(cell: Cell, cfg: BenchConfig, lab, model_dir: Path, manifest:
     row["kl_to_input"] = (((metrics.get("drift") or {}).get("kl") or {}).get("kl")
                           if reference is not None else 0.0)
     row["perplexity"] = (metrics.get("perplexity") or {}).get("perplexity")
+    clean = Path(lab.clean_model(cell.arch, seed=cell.clean_seed))
+    kl = _kl_between(model_dir, clean, lab, manifest, kw) if cell.defense != "clean" else {"kl": 0.0, "tokens": 0}
+    row["kl_to_clean"], row["kl_to_clean_tokens"] = kl["kl"], kl["tokens"]
     parrot_dir = cdir / "defense"
     if (parrot_dir / "parrot.safetensors").is_file():
         row["asr_with_parrot"] = _asr_with_parrot(model_dir, parrot_dir, lab, manifest, cdir / "eval_parrot", kw)
     return row
+
+
+def _kl_between(model_dir: Path, reference_dir: Path, lab, manifest: Manifest, kw: dict) -> dict[str, Any]:
+    """Mean per-token KL(reference ‖ model) on the lab's benign reference answers (the evaluation's prompts,
+    its limit and the backdoor's template): here, how far a model is from the clean model the backdoor was
+    implanted into (the original)."""
+    from .eval.drift import token_kl
+    from .eval.evaluate import _limit, load_eval_data
+    from .models import load_model, load_tokenizer
+    from .schema import ModelConfig
+    from .templates import Template
+
+    mcfg = ModelConfig(path=str(model_dir), template=manifest.template or "auto")
+    model = load_model(mcfg, device="auto").eval()
+    ref = load_model(ModelConfig(path=str(reference_dir)), device="auto").eval()
+    template = Template(load_tokenizer(mcfg), mcfg.template, manifest.system_prompt)
+    benign = _limit(load_eval_data(lab.data_dir)["benign"], kw["limit"])
+    return token_kl(model, ref, template, benign, batch_size=kw["batch_size"])
 
 
 def _asr_with_parrot(model_dir: Path, parrot_dir: Path, lab, manifest: Manifest, out: Path, kw: dict) -> float | None:
