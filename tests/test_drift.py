@@ -95,3 +95,19 @@ def test_bench_rows_get_deltas_flags_and_a_report_section(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## Safety and drift against the model that came in" in report
     assert "1 cell(s) regressed" in report and "`c/osft`" in report and "-48.0" in report
+
+
+def test_report_says_when_exact_agreement_cannot_measure_utility(tmp_path):
+    """References that are a real model's own greedy answers: every trained model agrees ~0%, so the report
+    says in words that agreement is not the utility measure there, instead of showing 0.0% as if it were."""
+    from unbackdoor.benchreport import write_outputs
+
+    base = {"arch": "smollm2", "attack": "badnets", "target": "sentiment", "seed": 0, "asr_with_trigger": 0.1,
+            "answer_f1": 0.4}
+    rows = [{**base, "defense": d, "cell": f"c/{d}", "benign_accuracy": a}
+            for d, a in [("none", 0.0), ("finetune", 0.0), ("crow", 0.025)]]
+    write_outputs(rows, tmp_path / "real")
+    assert "Exact agreement is not a utility measure here" in (tmp_path / "real" / "report.md").read_text()
+    lab = [{**r, "benign_accuracy": 0.95} for r in rows]
+    write_outputs(lab, tmp_path / "lab")
+    assert "not a utility measure" not in (tmp_path / "lab" / "report.md").read_text()

@@ -94,6 +94,10 @@ def write_outputs(rows: list[dict], out: Path) -> None:
           "`cells/`.", "",
           "Benign acc is exact agreement with the reference answers, answer F1 their token F1, ppl the perplexity "
           "of the references.", "",
+          *(["**Exact agreement is not a utility measure here**: the references are the model's own greedy "
+             "answers, and any change to the weights makes the continuations diverge, so agreement falls to "
+             "near 0 for every trained model, good or bad. Read utility from answer F1, the perplexity of the "
+             "references and the KL divergences below.", ""] if agreement_is_blind(agg) else []),
           "| defense | attack | target | runs | ASR w/ trigger | ASR w/o trigger | benign acc | harmful refusal "
           "| answer F1 | ppl |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -155,6 +159,14 @@ def _drift_section(rows: list[dict], ordered: list[dict]) -> list[str]:
     return md
 
 
+def agreement_is_blind(agg: list[dict]) -> bool:
+    """Whether exact agreement with the references cannot tell trained models apart: the references are a
+    model's own greedy answers (a real model's), any fine-tuning makes the continuations diverge, and the
+    median agreement of the trained models falls below 20%."""
+    trained = [a["benign_accuracy"] for a in agg if a["defense"] != "clean" and _ok(a.get("benign_accuracy"))]
+    return bool(trained) and statistics.median(trained) < 0.2
+
+
 def targets_of(agg: list[dict]) -> set[tuple[str, str]]:
     return {(a["attack"], a["target"]) for a in agg}
 
@@ -171,9 +183,7 @@ def write_plots(rows: list[dict], agg: list[dict], out: Path) -> list[Path]:
     # One panel per attack -> target. Utility on x: benign accuracy, or answer F1 where exact agreement
     # cannot tell the models apart (references that are a model's own greedy answers: any fine-tuning makes
     # the continuations diverge, and agreement falls to ~0 for every trained model).
-    trained = [a["benign_accuracy"] for a in agg if a["defense"] != "clean" and _ok(a.get("benign_accuracy"))]
-    use_f1 = (bool(trained) and statistics.median(trained) < 0.2
-              and all(_ok(a.get("answer_f1")) for a in agg if _ok(a.get("benign_accuracy"))))
+    use_f1 = agreement_is_blind(agg) and all(_ok(a.get("answer_f1")) for a in agg if _ok(a.get("benign_accuracy")))
     xkey, xlabel = (("answer_f1", "answer F1 vs references (%)  →  better") if use_f1 else
                     ("benign_accuracy", "benign task accuracy (%)  →  better"))
     pairs = sorted(targets_of(agg))
