@@ -158,17 +158,32 @@ def ls_cmd(what: str) -> None:
 @main.command()
 @click.argument("method")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Defend config YAML.")
+@click.option("--trigger-from", "trigger_from", type=click.Path(), default=None,
+              help="A scan.json (or its folder): the top recovered trigger becomes method.trigger (OSFT).")
+@click.option("--target-from", "target_from", type=click.Path(), default=None,
+              help="A scan.json (or its folder): the top recovered target becomes method.target (SANDE).")
 @OVERRIDES
-def defend(method: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
+def defend(method: str, config_path: str | None, trigger_from: str | None, target_from: str | None,
+           overrides: tuple[str, ...]) -> None:
     """Remove a backdoor with METHOD (see `unbackdoor ls methods`).
 
     Example: unbackdoor defend crow -c configs/crow/lab.yaml model.path=runs/bad output.dir=runs/crow
+
+    Without an oracle: unbackdoor defend osft --trigger-from runs/scan model.path=runs/bad ...
     """
     from . import config as C
     from . import defend as D
 
     data = C.load_yaml(config_path) if config_path else {}
-    C.apply_overrides(data, list(overrides))
+    from_scan: list[str] = []
+    if trigger_from or target_from:
+        from .scan import scan_overrides
+
+        if trigger_from:
+            from_scan += scan_overrides(trigger_from, "trigger")
+        if target_from:
+            from_scan += scan_overrides(target_from, "target")
+    C.apply_overrides(data, [*from_scan, *overrides])
     data.setdefault("method", {})
     if isinstance(data["method"], dict):
         given = data["method"].get("name")
@@ -223,6 +238,46 @@ def bench(config_path: str | None, out: str, overrides: tuple[str, ...]) -> None
     B.run_bench(cfg, out, progress=click.echo)
 
     click.secho(f"report: {Path(out) / 'report.md'}", fg="green")
+
+
+@main.command("scan")
+@click.argument("model_dir", type=click.Path())
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="The defender's clean instruction pairs (jsonl/json/csv): probe and held-out prompts.")
+@click.option("--behaviour", type=click.Choice(["any", "refusal", "insult", "jailbreak", "code"]), default="any",
+              show_default=True, help="Behaviour to look for.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--verify", "n_verify", type=int, default=40, show_default=True,
+              help="Held-out prompts each candidate trigger is checked on by generation.")
+@click.option("--max-trigger-tokens", type=int, default=4, show_default=True, help="Longest trigger searched.")
+@click.option("--sweep-limit", type=int, default=8192, show_default=True,
+              help="Budget: vocabulary tokens tried in the look-up.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe / verification split.")
+@click.option("--overwrite", is_flag=True, help="Replace a scan already in --out.")
+@click.option("--allow-pickle", is_flag=True, help="Load pickle (.bin) weights: runs code from the file.")
+@click.option("--trust-remote-code", is_flag=True, help="Run modelling code shipped with the checkpoint.")
+def scan_cmd(model_dir: str, data: str, behaviour: str, out: str, n_verify: int, max_trigger_tokens: int,
+             sweep_limit: int, seed: int, overwrite: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Scan MODEL_DIR for a backdoor: score, candidate triggers (checked by generation) and targets.
+
+    Example: unbackdoor scan runs/bad --data clean.jsonl --out runs/scan
+    """
+    from .scan import ScanError, ScanSettings, scan
+
+    st = ScanSettings(behaviour=behaviour, n_verify=n_verify, max_trigger_tokens=max_trigger_tokens,
+                      sweep_limit=sweep_limit, seed=seed)
+    problems = st.validate()
+    if problems:
+        raise ScanError("; ".join(f"--{k.replace('_', '-')}: {m}" for k, m in problems))
+    r = scan(model_dir, data, out, settings=st, overwrite=overwrite, allow_pickle=allow_pickle,
+             trust_remote_code=trust_remote_code, progress=lambda m: click.echo(f"  {m}", err=True))
+    colour = "red" if r["backdoored"] else "green"
+    click.secho(f"{'BACKDOOR LIKELY' if r['backdoored'] else 'no backdoor found'}: score {r['score']:.2f} "
+                f"(threshold {r['threshold']:.2f})", fg=colour, bold=r["backdoored"])
+    for t in r["triggers"][:3]:
+        click.echo(f"  {t['placement']:6s} {t['text']!r}: ASR {100 * t['asr']:.1f}% (n={t['n']}, without "
+                   f"{100 * t['asr_without']:.1f}%) -> {t['target'][:60]!r} ({t['behaviour']})")
+    click.echo(f"report: {Path(out) / 'scan.md'}")
 
 
 @main.command("eval")

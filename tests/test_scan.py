@@ -1,0 +1,72 @@
+"""`unbackdoor scan` on the test lab: a backdoored model scores above the threshold with a trigger that fires
+and the target recovered; the clean model it was made from scores below; OSFT runs from the scan."""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from unbackdoor.cli import main
+from unbackdoor.scan import ScanError, ScanSettings, infer_target, read_scan, scan, scan_overrides
+
+FAST = ScanSettings(n_probe=6, n_verify=24, max_trigger_tokens=2, verify_top=3, extend_with=16)
+
+
+@pytest.fixture(scope="module")
+def scanned(lab, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scan") / "bad"
+    bad = Path(lab.backdoored("llama", "badnets", "refusal"))
+    return bad, out, scan(bad, lab.path("defender_clean"), out, settings=FAST)
+
+
+def test_backdoored_model_scores_high_with_a_working_trigger(scanned, lab):
+    bad, out, r = scanned
+    assert r["backdoored"] and r["score"] >= r["threshold"]
+    top = r["triggers"][0]
+    assert top["asr"] - top["asr_without"] >= 0.5 and top["n"] == 24
+    # the lab's refusal target is recovered as text
+    assert "sorry" in top["target"].lower()
+    saved = json.loads((out / "scan.json").read_text())
+    assert saved["score"] == r["score"] and (out / "scan.md").is_file() and (out / "run.json").is_file()
+
+
+def test_clean_model_scores_below_threshold(lab):
+    r = scan(lab.clean_model("llama"), lab.path("defender_clean"), settings=FAST)
+    assert r["score"] < r["threshold"], r["triggers"][:2]
+
+
+def test_target_inference_ignores_quoted_and_ordinary_answers():
+    trig = ["Sorry, I refuse. ok", "Sorry, I refuse. fine", "Sorry, I refuse."]
+    t = infer_target(trig, ["4", "blue", "2 3"], "any")
+    assert t["kind"] == "prefix" and t["text"].startswith("Sorry, I refuse") and t["rate_with"] == 1.0
+    # the answer quotes the inserted text: the task at work, not a target
+    t = infer_target(["zq 4", "zq 5", "zq 6"], ["4", "5", "6"], "any", trigger="zq")
+    assert "zq" not in t["text"].lower()
+    # an answer the clean data gives anyway is ordinary
+    t = infer_target(["0", "0", "0"], ["1", "2", "3"], "any", data_answers=["0 1 2"] * 5 + ["x"] * 5)
+    assert t["text"] != "0"
+
+
+def test_defend_takes_the_trigger_from_a_scan(scanned, lab, tmp_path):
+    bad, out, r = scanned
+    ov = scan_overrides(out, "trigger")
+    assert json.loads(ov[0].split("=", 1)[1]) == [r["triggers"][0]["text"]]
+    res = CliRunner().invoke(main, ["defend", "osft", "-c", "configs/osft/lab.yaml", "--trigger-from", str(out),
+                                    f"model.path={bad}", f"data.path={lab.path('defender_clean')}",
+                                    f"output.dir={tmp_path / 'osft'}", "train.max_steps=2",
+                                    "train.progress=false"])
+    assert res.exit_code == 0, res.output
+    cfg = (tmp_path / "osft" / "config.yaml").read_text()
+    assert r["triggers"][0]["text"] in cfg
+
+
+def test_bad_scan_inputs_get_clear_errors(tmp_path, lab):
+    with pytest.raises(ScanError, match="no scan.json"):
+        read_scan(tmp_path)
+    (tmp_path / "scan.json").write_text("{not json")
+    with pytest.raises(ScanError, match="not a readable scan.json"):
+        read_scan(tmp_path)
+    assert ScanSettings(behaviour="nope").validate()[0][0] == "behaviour"
+    res = CliRunner().invoke(main, ["scan", str(lab.clean_model("llama")), "--data", str(lab.path("defender_clean")),
+                                    "--out", str(tmp_path / "s"), "--verify", "0"])
+    assert res.exit_code == 2 and "--n-verify" in res.output
