@@ -30,7 +30,7 @@ LAYERS = [
     ["backdoor", "data", "models", "generate", "train", "gguf"],
     ["components", "eval"],
     ["methods", "attack"],
-    ["defend", "threats", "lab", "real"],
+    ["defend", "threats", "lab", "real", "scan"],
     ["bench", "benchreport"],
     ["demo", "cli"],
 ]
