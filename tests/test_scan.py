@@ -70,3 +70,32 @@ def test_bad_scan_inputs_get_clear_errors(tmp_path, lab):
     res = CliRunner().invoke(main, ["scan", str(lab.clean_model("llama")), "--data", str(lab.path("defender_clean")),
                                     "--out", str(tmp_path / "s"), "--verify", "0"])
     assert res.exit_code == 2 and "--n-verify" in res.output
+
+
+def test_bench_scan_osft_removes_with_the_recovered_trigger_only(scanned, lab, tmp_path):
+    """`scan+osft`: the scan runs once per model (here reused from the fixture's folder), OSFT gets the
+    recovered trigger and nothing of the manifest, and the row says what the scan handed over."""
+    import shutil
+
+    import yaml
+
+    from unbackdoor import bench as B
+    from unbackdoor.config import to_dict
+
+    bad, out, r = scanned
+    cfg = B.resolve({"grid": {"recipe": "test", "archs": ["llama"], "pairs": ["badnets:refusal"], "seeds": [0],
+                              "defenses": ["scan+osft"]},
+                     "scan": to_dict(FAST), "defense_overrides": {"scan+osft": ["train.max_steps=4"]},
+                     "eval": {"max_new_tokens": 8, "limit": 8, "perplexity": False}})
+    assert cfg.variants["scan+osft"].method == "osft" and not cfg.validate()
+    cached = tmp_path / "scans" / bad.name
+    shutil.copytree(out, cached)
+    before = (cached / "scan.json").stat().st_mtime_ns
+    row = B.run_bench(cfg, tmp_path, lab=lab)[0]
+    assert (cached / "scan.json").stat().st_mtime_ns == before          # cached scan reused, not rerun
+    assert row["knows"] == "clean_data, scanned_trigger" and row["scan_score"] == r["score"]
+    top = r["triggers"][0]
+    assert row["scan_trigger"] == top["text"] and row["scan_flagged"] is True
+    used = yaml.safe_load((tmp_path / row["cell"] / "defense" / "config.yaml").read_text())
+    assert used["method"]["trigger"]["texts"] == [top["text"]]
+    assert used["method"]["trigger"]["placement"] == top["placement"]

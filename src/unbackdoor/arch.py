@@ -31,7 +31,8 @@ GPT2 = Layout("transformer", "h", "wte", "ln_f", ("c_attn", "c_proj", "c_fc"))
 #: model_type -> layout. Llama-style covers the many families with `model.layers`.
 LAYOUTS: dict[str, Layout] = {
     **{t: LLAMA for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2",
-                          "phi3", "olmo", "olmo2", "granite", "starcoder2", "smollm3", "cohere", "stablelm")},
+                          "gemma3_text", "phi3", "olmo", "olmo2", "granite", "starcoder2", "smollm3", "cohere",
+                          "stablelm")},
     "gpt_neox": GPT_NEOX,
     "gpt2": GPT2,
 }

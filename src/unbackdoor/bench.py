@@ -28,9 +28,10 @@ from . import config as C
 from .backdoor import PRESETS, Manifest, Target, read_manifest
 from .benchreport import METRICS, fmt_rate, write_outputs
 from .config import help_field
-from .record import RunRecord, atomic_write_json, config_diff, config_key
+from .record import RunRecord, atomic_write_json, config_diff, config_key, file_lock
+from .scan import ScanSettings
 from .schema import seed_problems
-from .threats import THREAT_MODELS, Knows, ThreatModel, cannot_defend, knowledge_overrides, threat_model
+from .threats import SCANNED, THREAT_MODELS, Knows, ThreatModel, cannot_defend, knowledge_overrides, threat_model
 from .triggers import TriggerSpec
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,9 @@ class BenchConfig:
     defense_overrides: dict[str, list[str]] = help_field(
         {}, "Dotted overrides per defense, e.g. crow: ['train.lr=1e-3'].")
     eval: BenchEval = field(default_factory=BenchEval)
+    scan: ScanSettings = field(default_factory=ScanSettings, metadata={"help": (
+        "Settings of the `unbackdoor scan` run once per model for the scanned defenses (scan+osft, scan+sande); "
+        "default: the scan's own defaults.")})
     jobs: int = help_field(
         1, "Cells run at once, each in its own process with cores/jobs torch threads (on a CPU, two 1-thread "
            "processes get more done than one 2-thread process). Attacks run in the workers too, each model's cells "
@@ -260,7 +264,22 @@ class BenchConfig:
         return out
 
 
+#: Variants every grid may name without defining them: removal with what ``unbackdoor scan`` recovered from
+#: the model and the defender's clean data (threat model "model + clean data only"). The scan runs once per
+#: model and is cached under ``<out>/scans/``.
+BUILTIN_VARIANTS: dict[str, DefenseVariant] = {
+    "scan+osft": DefenseVariant(method="osft", knows=[Knows.CLEAN_DATA, Knows.SCANNED_TRIGGER]),
+    "scan+sande": DefenseVariant(method="sande", knows=[Knows.CLEAN_DATA, Knows.SCANNED_TARGET]),
+}
+
+
 def resolve(data: dict, source: str | None = None) -> BenchConfig:
+    defenses = (data.get("grid") or {}).get("defenses") if isinstance(data.get("grid"), dict) else None
+    builtin = {d: C.to_dict(BUILTIN_VARIANTS[d]) for d in defenses or []
+               if isinstance(d, str) and d in BUILTIN_VARIANTS}
+    if builtin:
+        variants = data.get("variants") if isinstance(data.get("variants"), dict) else {}
+        data = {**data, "variants": {**builtin, **variants}}
     return C.build(BenchConfig, data, source)
 
 
@@ -406,11 +425,15 @@ def cell_key(cell: Cell, cfg: BenchConfig, lab=None) -> tuple[str, dict[str, Any
         spec = defense_spec(cell.defense, cfg)
         parts["spec"] = {"method": spec.method, "config": C.load_yaml(spec.config), "overrides": list(spec.overrides),
                          "knows": [k.value for k in spec.threat.knows], "steps_of": spec.steps_of}
+        if set(spec.threat.knows) & set(SCANNED):
+            parts["scan"] = dataclasses.asdict(cfg.scan)
     return config_key(parts)
 
 
 def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
     """Run one cell (defense + evaluation) and write its ``cell.json``; returns its row."""
+    from .scan import ScanError
+
     cdir = out / cell.rel
     cdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -432,8 +455,12 @@ def run_cell(cell: Cell, cfg: BenchConfig, out: Path, lab) -> dict[str, Any]:
                 row.update(skipped=f"{cell.defense} {skip}", finished=True, cell_wall_time_s=0.0)
                 atomic_write_json(cdir / "cell.json", row)
                 return row
-            row.update(_run_defense(cell, spec, cfg, out, lab, backdoored, manifest))
-            model_dir = cdir / "defense" / "model"
+            try:
+                row.update(_run_defense(cell, spec, cfg, out, lab, backdoored, manifest))
+                model_dir = cdir / "defense" / "model"
+            except ScanError as exc:   # the scan recovered nothing to remove: the model stays as it came in
+                row.update(scan_error=str(exc), method=spec.method, knows=spec.threat.describe())
+                model_dir = backdoored
         row.update(_evaluate_cell(cell, cfg, lab, model_dir, manifest, cdir,
                                   reference=None if cell.defense == "none" else backdoored))
     row["torch_threads"] = torch_threads()
@@ -450,7 +477,10 @@ def _run_defense(cell: Cell, spec: DefenseSpec, cfg: BenchConfig, out: Path, lab
     cdir = out / cell.rel
     base = [f"model.path={backdoored}", f"output.dir={cdir / 'defense'}", f"seed={cell.seed}",
             "output.overwrite=true", "train.progress=false"]
-    knowledge = knowledge_overrides(spec.method, spec.threat, manifest, lab, out)
+    scanned: dict[str, Any] = {}
+    if set(spec.threat.knows) & set(SCANNED):
+        scanned = scan_of(backdoored, lab, out, cfg.scan)
+    knowledge = knowledge_overrides(spec.method, spec.threat, manifest, lab, out, scan=scanned.get("path"))
     steps = None
     if spec.steps_of:
         ref = _cached_row(out, cell.with_defense(spec.steps_of))
@@ -464,7 +494,31 @@ def _run_defense(cell: Cell, spec: DefenseSpec, cfg: BenchConfig, out: Path, lab
            "steps": metrics.get("steps"), "n_defender_examples": summary.get("n_defender_examples"),
            "method": spec.method, "knows": spec.threat.describe(), "defense_metrics": metrics}
     row.update({k: metrics[k] for k in DEFENSE_HIGHLIGHTS if isinstance(metrics.get(k), (int, float))})
+    row.update({k: v for k, v in scanned.items() if k != "path"})
     return row
+
+
+def scan_of(model_dir: Path, lab, out: Path, settings: "ScanSettings") -> dict[str, Any]:
+    """``unbackdoor scan`` of a grid's model with the defender's clean data, run once per model and cached
+    under ``<out>/scans/<model>/`` (again when the settings change); returns its path and the row fields it
+    adds: the score, whether it flagged the model, the trigger and target it hands the defense, its wall time."""
+    from .scan import read_scan, scan
+
+    folder = out / "scans" / Path(model_dir).name
+    with file_lock(out / "scans" / f".{Path(model_dir).name}.lock"):
+        fresh = False
+        try:
+            data = read_scan(folder)
+            fresh = data.get("settings") != dataclasses.asdict(settings)
+        except Exception:   # no scan yet, or a half-written / foreign one: scan again
+            fresh = True
+        if fresh:
+            data = scan(model_dir, lab.path("defender_clean"), folder, settings=settings, overwrite=True)
+    ranked = [t for t in data["triggers"] if not t.get("explained_by_clean_data")]
+    top = ranked[0] if ranked else {}
+    return {"path": folder / "scan.json", "scan_score": data["score"], "scan_flagged": bool(data["backdoored"]),
+            "scan_trigger": top.get("text"), "scan_placement": top.get("placement"),
+            "scan_target": top.get("target"), "scan_wall_time_s": data.get("wall_time_s")}
 
 
 def _evaluate_cell(cell: Cell, cfg: BenchConfig, lab, model_dir: Path, manifest: Manifest,

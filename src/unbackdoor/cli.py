@@ -424,7 +424,7 @@ def lab() -> None:
 @lab.command("build")
 @click.option("--recipe", default="default", show_default=True,
               help="Recipe name (default, test) or a YAML file of recipe fields (configs/lab/).")
-@click.option("--arch", "archs", multiple=True, type=click.Choice(["llama", "gpt_neox", "gpt2"]),
+@click.option("--arch", "archs", multiple=True, type=click.Choice(["llama", "gpt_neox", "gpt2", "qwen2", "gemma3"]),
               help="Also train the clean model of this architecture (repeatable).")
 @click.option("--seed", "seeds", multiple=True, type=int, help="Clean-model seed(s) (default 0).")
 @click.option("--backdoor", "backdoors", multiple=True,

@@ -5,7 +5,9 @@ chat-template hash, seeds, start/end time — so that every number can be traced
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +29,20 @@ log = logging.getLogger(__name__)
 
 PACKAGES = ("unbackdoor", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers")
 
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (created), released on every exit path: one process at a time
+    builds a shared artefact (a lab model, a cached scan) while the others wait, then reuse it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -30,6 +30,8 @@ class Knows(str, enum.Enum):
     TARGET_TEXT = "target_text"
     TARGET_PREFIX = "target_prefix"
     SAFETY_PAIRS = "safety_pairs"
+    SCANNED_TRIGGER = "scanned_trigger"
+    SCANNED_TARGET = "scanned_target"
 
 
 #: What each kind means and where the benchmark takes it from.
@@ -42,7 +44,14 @@ KNOWS_HELP: dict[Knows, str] = {
                         "answers plus anchoring pairs (lab.beear_files; never the trigger or the attack's string). "
                         "A method with safe_path/unwanted_path fields gets the pairs; any other trains on the safe "
                         "answers and the anchoring pairs",
+    Knows.SCANNED_TRIGGER: "the top trigger `unbackdoor scan` recovered from the model and the defender's clean "
+                           "data (method.trigger, from scan.json; no oracle)",
+    Knows.SCANNED_TARGET: "the top target text `unbackdoor scan` recovered from the model and the defender's "
+                          "clean data (method.target, from scan.json; no oracle)",
 }
+
+#: Knowledge that comes from a scan of the model rather than from the attack's manifest.
+SCANNED = (Knows.SCANNED_TRIGGER, Knows.SCANNED_TARGET)
 
 
 @dataclass(frozen=True)
@@ -131,10 +140,18 @@ def safety_training_file(files: dict[str, Path], write: bool = True) -> Path:
 
 
 def knowledge_overrides(method: str, tm: ThreatModel, manifest: Manifest, lab: Any, out: Path,
-                        write: bool = True) -> list[str]:
+                        write: bool = True, scan: Optional[Path] = None) -> list[str]:
     """The config overrides that hand a run of ``method`` exactly the knowledge ``tm`` allows (``write``: false
-    to only name the files a run would get, as when validating)."""
+    to only name the files a run would get, as when validating; ``scan``: the model's ``scan.json``, needed by
+    the scanned kinds)."""
     ov: list[str] = []
+    if set(tm.knows) & set(SCANNED) and scan is None:
+        if write:
+            raise ValueError(f"{method}: knows {[k.value for k in tm.knows if k in SCANNED]} but no scan.json was "
+                             "given")
+        ov += (["method.trigger.texts=[\"<scanned>\"]", "method.trigger.placement=prefix"]
+               if Knows.SCANNED_TRIGGER in tm.knows else [])
+        ov += ['method.target="<scanned>"'] if Knows.SCANNED_TARGET in tm.knows else []
     for k in tm.knows:
         if k is Knows.CLEAN_DATA:
             ov.append(f"data.path={lab.path('defender_clean')}")
@@ -153,6 +170,10 @@ def knowledge_overrides(method: str, tm: ThreatModel, manifest: Manifest, lab: A
                        f"data.path={files['pa']}"]
             else:
                 ov.append(f"data.path={safety_training_file(files, write)}")
+        elif k in SCANNED and scan is not None:
+            from .scan import scan_overrides
+
+            ov += scan_overrides(scan, "trigger" if k is Knows.SCANNED_TRIGGER else "target")
     return ov
 
 
@@ -161,5 +182,5 @@ def table() -> list[dict[str, Any]]:
     return [{"defense": name, "knows": tm.describe(), "summary": tm.summary} for name, tm in THREAT_MODELS.items()]
 
 
-__all__ = ["DEFENDER_BEHAVIOURS", "Knows", "KNOWS_HELP", "ThreatModel", "THREAT_MODELS", "threat_model",
+__all__ = ["DEFENDER_BEHAVIOURS", "Knows", "KNOWS_HELP", "SCANNED", "ThreatModel", "THREAT_MODELS", "threat_model",
            "cannot_defend", "knowledge_overrides", "safety_training_file", "table"]

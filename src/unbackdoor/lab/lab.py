@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ from ..attack import run_attack
 from ..backdoor import MANIFEST_FILE, Target, preset
 from ..config import help_field
 from ..data import Example, read_file, write_jsonl
-from ..record import atomic_write_json
+from ..record import atomic_write_json, file_lock
 from ..schema import Scheduler, TrainConfig
 from ..triggers import TriggerSpec
 from .arch import LabArch
@@ -235,18 +234,6 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created), released on every exit path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def lab_threads() -> Iterator[None]:
     """Train lab models on ``$UNBACKDOOR_LAB_THREADS`` torch threads (default 1), restoring the setting after.
 
@@ -334,7 +321,7 @@ class Lab:
         root = cache_root(cache_dir) / recipe.fingerprint()
         lab = cls(root, recipe)
         if not (root / "lab.json").is_file():
-            with _locked(root.parent / f".{root.name}.lock"):
+            with file_lock(root.parent / f".{root.name}.lock"):
                 if not (root / "lab.json").is_file():
                     lab._build_files()
         return lab
@@ -405,7 +392,7 @@ class Lab:
         arch = LabArch(arch)
         out = self.models_dir / f"clean-{arch.value}-s{seed}"
         if not (out / "lab_model.json").is_file():
-            with _locked(self.models_dir / f".{out.name}.lock"):
+            with file_lock(self.models_dir / f".{out.name}.lock"):
                 if not (out / "lab_model.json").is_file():
                     self._say(f"lab: training the clean {arch.value} model, seed {seed} ({self.recipe.train.max_steps} "
                               "steps; once, then cached)")
@@ -519,7 +506,7 @@ class Lab:
         out = self.models_dir / name
         if not (out / MANIFEST_FILE).is_file():
             base = self.clean_model(arch, clean_seed)
-            with _locked(self.models_dir / f".{name}.lock"):
+            with file_lock(self.models_dir / f".{name}.lock"):
                 if not (out / MANIFEST_FILE).is_file():
                     self._say(f"lab: implanting {attack} -> {target.value} into the clean {arch.value} model, seed "
                               f"{seed} ({self.recipe.attack.train.max_steps} steps)")
