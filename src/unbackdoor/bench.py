@@ -220,6 +220,9 @@ class BenchConfig:
     scan: ScanSettings = field(default_factory=ScanSettings, metadata={"help": (
         "Settings of the `unbackdoor scan` run once per model for the scanned defenses (scan+osft, scan+sande); "
         "default: the scan's own defaults.")})
+    scan_dir: Optional[str] = help_field(
+        None, "Folder of scans, one subfolder per model folder name (e.g. a scan_detection run's output), reused "
+              "when their settings match `scan`; new scans are written there too. Default: <out>/scans.")
     jobs: int = help_field(
         1, "Cells run at once, each in its own process with cores/jobs torch threads (on a CPU, two 1-thread "
            "processes get more done than one 2-thread process). Attacks run in the workers too, each model's cells "
@@ -479,7 +482,7 @@ def _run_defense(cell: Cell, spec: DefenseSpec, cfg: BenchConfig, out: Path, lab
             "output.overwrite=true", "train.progress=false"]
     scanned: dict[str, Any] = {}
     if set(spec.threat.knows) & set(SCANNED):
-        scanned = scan_of(backdoored, lab, out, cfg.scan)
+        scanned = scan_of(backdoored, lab, Path(cfg.scan_dir) if cfg.scan_dir else out / "scans", cfg.scan)
     knowledge = knowledge_overrides(spec.method, spec.threat, manifest, lab, out, scan=scanned.get("path"))
     steps = None
     if spec.steps_of:
@@ -498,14 +501,14 @@ def _run_defense(cell: Cell, spec: DefenseSpec, cfg: BenchConfig, out: Path, lab
     return row
 
 
-def scan_of(model_dir: Path, lab, out: Path, settings: "ScanSettings") -> dict[str, Any]:
+def scan_of(model_dir: Path, lab, scans: Path, settings: "ScanSettings") -> dict[str, Any]:
     """``unbackdoor scan`` of a grid's model with the defender's clean data, run once per model and cached
-    under ``<out>/scans/<model>/`` (again when the settings change); returns its path and the row fields it
-    adds: the score, whether it flagged the model, the trigger and target it hands the defense, its wall time."""
+    under ``<scans>/<model>/`` (again when the settings change); returns its path and the row fields it adds:
+    the score, whether it flagged the model, the trigger and target it hands the defense, its wall time."""
     from .scan import read_scan, scan
 
-    folder = out / "scans" / Path(model_dir).name
-    with file_lock(out / "scans" / f".{Path(model_dir).name}.lock"):
+    folder = scans / Path(model_dir).name
+    with file_lock(scans / f".{Path(model_dir).name}.lock"):
         fresh = False
         try:
             data = read_scan(folder)

@@ -73,6 +73,8 @@ class ScanSettings:
     max_trigger_tokens: int = help_field(4, "Longest trigger searched, in tokens.")
     verify_top: int = help_field(6, "Candidates checked by generation.")
     max_new_tokens: int = help_field(24, "Greedy tokens per verification generation.")
+    screen_probes: int = help_field(2, "Probe prompts of the first, screening pass of the look-up and of each growth "
+                                       "step; only the best strings of it are scored on all probe prompts.")
     sweep_limit: int = help_field(8192, "Vocabulary tokens tried in the look-up (all when the vocabulary is "
                                         "smaller).")
     batch_size: int = help_field(128, "Sequences per forward pass.")
@@ -84,7 +86,7 @@ class ScanSettings:
         if self.behaviour not in BEHAVIOURS:
             out.append(("behaviour", f"unknown behaviour {self.behaviour!r}; choose one of {list(BEHAVIOURS)}"))
         for name in ("n_probe", "n_verify", "beam", "extend_with", "max_trigger_tokens", "verify_top",
-                     "max_new_tokens", "sweep_limit", "batch_size"):
+                     "max_new_tokens", "screen_probes", "sweep_limit", "batch_size"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if not 0.0 < self.threshold <= 1.0:
@@ -178,11 +180,28 @@ class _Scorer:
             out.append((-(tok * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
-    def effects(self, strings: Sequence[str], placement: str) -> list[float]:
-        """Mean NLL increase of the clean answers for each string inserted at ``placement``."""
-        feats = [self._seq(insert(p, s, placement), a) for s in strings for p, a in zip(self.prompts, self.answers)]
-        nll = self._nll(feats).view(len(strings), len(self.prompts))
-        return (nll - self.base.unsqueeze(0)).mean(1).tolist()
+    def effects(self, strings: Sequence[str], placement: str, probes: int | None = None) -> list[float]:
+        """Mean NLL increase of the clean answers for each string inserted at ``placement`` (into the first
+        ``probes`` probe prompts; all by default)."""
+        k = len(self.prompts) if probes is None else max(1, min(probes, len(self.prompts)))
+        pairs = list(zip(self.prompts, self.answers))[:k]
+        feats = [self._seq(insert(p, s, placement), a) for s in strings for p, a in pairs]
+        nll = self._nll(feats).view(len(strings), k)
+        return (nll - self.base[:k].unsqueeze(0)).mean(1).tolist()
+
+    def ranked(self, strings: Sequence[str], placement: str, screen: int, keep: int) -> list[tuple[str, float]]:
+        """``strings`` with their effects, best first, in two passes: every string on the first ``screen``
+        probe prompts, then the ``keep`` best of that on all of them (a trigger moves every prompt's answer,
+        so it survives the screen; the full pass ranks the survivors). The strings the screen drops keep
+        their screening effect, below every survivor."""
+        strings = list(strings)
+        if screen >= len(self.prompts) or len(strings) <= keep:
+            return sorted(zip(strings, self.effects(strings, placement)), key=lambda x: -x[1])
+        quick = sorted(zip(strings, self.effects(strings, placement, screen)), key=lambda x: -x[1])
+        top = [s for s, _ in quick[:keep]]
+        full = sorted(zip(top, self.effects(top, placement)), key=lambda x: -x[1])
+        floor = full[-1][1] if full else 0.0
+        return full + [(s, min(e, floor)) for s, e in quick[keep:]]
 
 
 def _vocab_strings(tokenizer, limit: int) -> list[str]:
@@ -217,8 +236,11 @@ def search_triggers(scorer: _Scorer, tokenizer, st: ScanSettings,
     sweep: dict[str, list[tuple[str, float]]] = {}
     for placement in PLACEMENTS:
         say(f"look-up: {len(vocab)} tokens as {placement}")
-        eff = scorer.effects([_clean(v) for v in vocab], placement)
-        ranked = sorted(zip(vocab, eff), key=lambda x: -x[1])
+        by_text = {}
+        for v in vocab:
+            by_text.setdefault(_clean(v), v)
+        ranked = [(by_text[t], e) for t, e in scorer.ranked(list(by_text), placement, st.screen_probes,
+                                                             max(st.extend_with, 4 * st.beam))]
         sweep[placement] = ranked
         for v, e in ranked[: st.beam]:
             found[(_clean(v), placement)] = e
@@ -235,8 +257,8 @@ def search_triggers(scorer: _Scorer, tokenizer, st: ScanSettings,
             if not grown:
                 break
             texts = list(grown)
-            eff = scorer.effects(texts, placement)
-            new = sorted(zip([grown[t] for t in texts], eff), key=lambda x: -x[1])[: st.beam]
+            new = [(grown[t], e) for t, e in scorer.ranked(texts, placement, st.screen_probes,
+                                                            4 * st.beam)[: st.beam]]
             say(f"grow {placement} to {length} tokens: best {_clean(new[0][0])!r} ({new[0][1]:+.2f} nats)")
             if new[0][1] <= beam[0][1]:
                 break
