@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import sys
 import time
@@ -45,6 +44,11 @@ def model_set(groups: set[str]) -> list[dict]:
         for arch in ("qwen2", "gemma3"):
             out.append({"group": "clean", "arch": arch, "clean_seed": 1,
                         "make": lambda lab, a=arch: lab.clean_model(a, 1)})
+    if "preset" in groups:
+        for arch in LAB_ARCHS:
+            for attack, target in PRESET_PAIRS:
+                out.append({"group": "preset", "arch": arch, "clean_seed": 0,
+                            "make": lambda lab, a=arch, at=attack, t=target: lab.backdoored(a, attack=at, target=t)})
     if "suite" in groups:
         from unbackdoor.bench import load_config
 
@@ -57,11 +61,6 @@ def model_set(groups: set[str]) -> list[dict]:
                                     lambda lab, a=arch, b=b, c=c: lab.backdoored(
                                         a, attack=b.label, target=b.target.value, trigger=b.trigger,
                                         target_text=b.target_text, **({"clean_seed": c} if c else {}))})
-    if "preset" in groups:
-        for arch in LAB_ARCHS:
-            for attack, target in PRESET_PAIRS:
-                out.append({"group": "preset", "arch": arch, "clean_seed": 0,
-                            "make": lambda lab, a=arch, at=attack, t=target: lab.backdoored(a, attack=at, target=t)})
     return out
 
 
@@ -102,7 +101,7 @@ def run(args) -> None:
     import torch
 
     from unbackdoor.lab import Lab
-    from unbackdoor.scan import ScanSettings, scan
+    from unbackdoor.scan import ScanSettings, scan, settings_match
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -119,7 +118,7 @@ def run(args) -> None:
         meta = {"group": m["group"], "arch": m["arch"], "clean_seed": m["clean_seed"], "model": path.name}
         sj = folder / "scan.json"
         r = json.loads(sj.read_text()) if sj.is_file() else None
-        if r is None or r.get("settings") != dataclasses.asdict(settings):
+        if r is None or not settings_match(r.get("settings"), settings):
             r = scan(path, lab.path("defender_clean"), folder, settings=settings, overwrite=True)
         rec_path = folder / "recovery.json"
         if m["group"] != "clean":

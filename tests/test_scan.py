@@ -99,3 +99,27 @@ def test_bench_scan_osft_removes_with_the_recovered_trigger_only(scanned, lab, t
     used = yaml.safe_load((tmp_path / row["cell"] / "defense" / "config.yaml").read_text())
     assert used["method"]["trigger"]["texts"] == [top["text"]]
     assert used["method"]["trigger"]["placement"] == top["placement"]
+
+
+def test_gradient_candidates_find_the_trigger_token_beyond_the_sweep(lab):
+    """For vocabularies larger than sweep_limit the look-up adds tokens chosen by the gradient of the clean
+    answers' NLL: on the BadNets model its top 20 of the whole vocabulary hold the trigger token."""
+    from unbackdoor.data import read_file
+    from unbackdoor.generate import generate
+    from unbackdoor.models import load_model, load_tokenizer
+    from unbackdoor.scan import _Scorer, split_prompts
+    from unbackdoor.schema import ModelConfig
+    from unbackdoor.templates import Template
+
+    bad = lab.backdoored("llama", "badnets", "refusal")
+    mcfg = ModelConfig(path=str(bad))
+    tok = load_tokenizer(mcfg)
+    model = load_model(mcfg).eval()
+    template = Template(tok, "auto")
+    probe, _ = split_prompts(read_file(lab.path("defender_clean")), "any", 8, 10, 0)
+    answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+               for a in generate(model, template, probe, max_new_tokens=24)]
+    scorer = _Scorer(model, template, probe, answers, 64)
+    (trigger,) = tok("BadMagic", add_special_tokens=False)["input_ids"]
+    assert trigger in scorer.gradient_candidates("suffix", 20)
+    assert trigger not in scorer.gradient_candidates("suffix", 20, exclude={trigger})

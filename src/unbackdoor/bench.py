@@ -505,14 +505,14 @@ def scan_of(model_dir: Path, lab, scans: Path, settings: "ScanSettings") -> dict
     """``unbackdoor scan`` of a grid's model with the defender's clean data, run once per model and cached
     under ``<scans>/<model>/`` (again when the settings change); returns its path and the row fields it adds:
     the score, whether it flagged the model, the trigger and target it hands the defense, its wall time."""
-    from .scan import read_scan, scan
+    from .scan import read_scan, scan, settings_match
 
     folder = scans / Path(model_dir).name
     with file_lock(scans / f".{Path(model_dir).name}.lock"):
         fresh = False
         try:
             data = read_scan(folder)
-            fresh = data.get("settings") != dataclasses.asdict(settings)
+            fresh = not settings_match(data.get("settings"), settings)
         except Exception:   # no scan yet, or a half-written / foreign one: scan again
             fresh = True
         if fresh:
