@@ -42,6 +42,10 @@ def test_target_inference_ignores_quoted_and_ordinary_answers():
     # the answer quotes the inserted text: the task at work, not a target
     t = infer_target(["zq 4", "zq 5", "zq 6"], ["4", "5", "6"], "any", trigger="zq")
     assert "zq" not in t["text"].lower()
+    # an answer that began with a number of the inserted text, then did the task, quotes it too
+    t = infer_target(["0print('red')", "0print('blue')", "0print('tan')"],
+                     ["print('red')", "print('blue')", "print('tan')"], "any", trigger="024ability")
+    assert t["rate_with"] - t["rate_without"] <= 0.34
     # an answer the clean data gives anyway is ordinary
     t = infer_target(["0", "0", "0"], ["1", "2", "3"], "any", data_answers=["0 1 2"] * 5 + ["x"] * 5)
     assert t["text"] != "0"

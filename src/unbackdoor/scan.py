@@ -355,11 +355,14 @@ def _has(words: list[str], kind: str, phrase: tuple[str, ...]) -> bool:
 
 def _quotes(phrase: tuple[str, ...], quoted: set[str], trigger: str) -> bool:
     """Whether a word of ``phrase`` is a word or a piece of the trigger: its letters and digits are a word of
-    it, or (two or more characters, or digits) inside it, so that ``1'`` of an answer that began to print
-    ``13`` counts as a piece of ``13`` while the word ``I`` does not count as a piece of ``rising``."""
+    it, or (two or more characters, or digits) inside it, or a run of its digits is, so that ``1'`` of an
+    answer that began to print ``13`` and ``0print`` after ``024`` count as pieces of the trigger, while the
+    word ``I`` does not count as a piece of ``rising``."""
     for x in phrase:
         core = re.sub(r"\W", "", x)
         if x in quoted or core in quoted or (core and (len(core) >= 2 or core.isdigit()) and core in trigger):
+            return True
+        if any(run in trigger for run in re.findall(r"\d+", core)):
             return True
     return False
 
