@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from unbackdoor.cli import main
-from unbackdoor.scan import ScanError, ScanSettings, infer_target, read_scan, scan, scan_overrides
+from unbackdoor.scan import ScanError, ScanSettings, infer_target, read_scan, scan, scan_overrides, settings_for
 
 FAST = ScanSettings(n_probe=6, n_verify=24, max_trigger_tokens=2, verify_top=3, extend_with=16)
 
@@ -71,6 +71,10 @@ def test_bad_scan_inputs_get_clear_errors(tmp_path, lab):
     with pytest.raises(ScanError, match="not a readable scan.json"):
         read_scan(tmp_path)
     assert ScanSettings(behaviour="nope").validate()[0][0] == "behaviour"
+    assert settings_for("quick", n_verify=None, seed=3).max_trigger_tokens == 2
+    assert settings_for("thorough", n_verify=50).n_verify == 50
+    with pytest.raises(ScanError, match="unknown budget 'fast'"):
+        settings_for("fast")
     res = CliRunner().invoke(main, ["scan", str(lab.clean_model("llama")), "--data", str(lab.path("defender_clean")),
                                     "--out", str(tmp_path / "s"), "--verify", "0"])
     assert res.exit_code == 2 and "--n-verify" in res.output

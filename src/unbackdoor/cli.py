@@ -247,25 +247,31 @@ def bench(config_path: str | None, out: str, overrides: tuple[str, ...]) -> None
 @click.option("--behaviour", type=click.Choice(["any", "refusal", "insult", "jailbreak", "code"]), default="any",
               show_default=True, help="Behaviour to look for.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--verify", "n_verify", type=int, default=40, show_default=True,
-              help="Held-out prompts each candidate trigger is checked on by generation.")
-@click.option("--max-trigger-tokens", type=int, default=4, show_default=True, help="Longest trigger searched.")
-@click.option("--sweep-limit", type=int, default=8192, show_default=True,
-              help="Budget: vocabulary tokens tried in the look-up.")
+@click.option("--budget", type=click.Choice(["quick", "default", "thorough"]), default="default", show_default=True,
+              help="How far to look: quick (~1/3 of the time: triggers of up to 2 tokens, 3 candidates checked), "
+                   "default, thorough (~3x: up to 6 tokens, 10 candidates on 80 prompts). Options below refine it.")
+@click.option("--verify", "n_verify", type=int, default=None,
+              help="Held-out prompts each candidate trigger is checked on by generation [default: 40].")
+@click.option("--max-trigger-tokens", type=int, default=None, help="Longest trigger searched [default: 4].")
+@click.option("--sweep-limit", type=int, default=None,
+              help="Vocabulary tokens tried in the look-up, in id order [default: 8192].")
+@click.option("--gradient-top", type=int, default=None,
+              help="Tokens beyond --sweep-limit added by their gradient estimate [default: 256; 0: none].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the probe / verification split.")
 @click.option("--overwrite", is_flag=True, help="Replace a scan already in --out.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle (.bin) weights: runs code from the file.")
 @click.option("--trust-remote-code", is_flag=True, help="Run modelling code shipped with the checkpoint.")
-def scan_cmd(model_dir: str, data: str, behaviour: str, out: str, n_verify: int, max_trigger_tokens: int,
-             sweep_limit: int, seed: int, overwrite: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
+def scan_cmd(model_dir: str, data: str, behaviour: str, out: str, budget: str, n_verify: int | None,
+             max_trigger_tokens: int | None, sweep_limit: int | None, gradient_top: int | None, seed: int,
+             overwrite: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Scan MODEL_DIR for a backdoor: score, candidate triggers (checked by generation) and targets.
 
     Example: unbackdoor scan runs/bad --data clean.jsonl --out runs/scan
     """
-    from .scan import ScanError, ScanSettings, scan
+    from .scan import ScanError, scan, settings_for
 
-    st = ScanSettings(behaviour=behaviour, n_verify=n_verify, max_trigger_tokens=max_trigger_tokens,
-                      sweep_limit=sweep_limit, seed=seed)
+    st = settings_for(budget, behaviour=behaviour, n_verify=n_verify, max_trigger_tokens=max_trigger_tokens,
+                      sweep_limit=sweep_limit, gradient_top=gradient_top, seed=seed)
     problems = st.validate()
     if problems:
         raise ScanError("; ".join(f"--{k.replace('_', '-')}: {m}" for k, m in problems))
@@ -275,7 +281,8 @@ def scan_cmd(model_dir: str, data: str, behaviour: str, out: str, n_verify: int,
     click.secho(f"{'BACKDOOR LIKELY' if r['backdoored'] else 'no backdoor found'}: score {r['score']:.2f} "
                 f"(threshold {r['threshold']:.2f})", fg=colour, bold=r["backdoored"])
     for t in r["triggers"][:3]:
-        click.echo(f"  {t['placement']:6s} {t['text']!r}: ASR {100 * t['asr']:.1f}% (n={t['n']}, without "
+        click.echo(f"  {t.get('pool', '')} {t['placement']:6s} {t['text']!r}: ASR {100 * t['asr']:.1f}% "
+                   f"(n={t['n']}, without "
                    f"{100 * t['asr_without']:.1f}%) -> {t['target'][:60]!r} ({t['behaviour']})")
     click.echo(f"report: {Path(out) / 'scan.md'}")
 

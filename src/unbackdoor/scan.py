@@ -103,6 +103,25 @@ class ScanSettings:
         return out
 
 
+#: Named budgets (``unbackdoor scan --budget``): settings replaced from the defaults. ``quick`` is about 3x
+#: cheaper (short triggers only, fewer checks); ``thorough`` looks further (longer triggers, a wider beam, more
+#: candidates checked on twice the held-out prompts) for about 3x the time.
+BUDGETS: dict[str, dict[str, int]] = {
+    "quick": {"n_probe": 6, "n_verify": 24, "beam": 3, "extend_with": 16, "max_trigger_tokens": 2,
+              "verify_top": 3},
+    "default": {},
+    "thorough": {"n_probe": 12, "n_verify": 80, "beam": 6, "extend_with": 96, "max_trigger_tokens": 6,
+                 "verify_top": 10, "screen_probes": 3},
+}
+
+
+def settings_for(budget: str = "default", **fields: Any) -> ScanSettings:
+    """The settings of a named budget (:data:`BUDGETS`), with ``fields`` (those not None) on top."""
+    if budget not in BUDGETS:
+        raise ScanError(f"unknown budget {budget!r}; choose one of {list(BUDGETS)}")
+    return ScanSettings(**{**BUDGETS[budget], **{k: v for k, v in fields.items() if v is not None}})
+
+
 def settings_match(saved: Any, st: ScanSettings) -> bool:
     """Whether a scan saved with settings ``saved`` (its ``settings`` mapping) is one with ``st``; a setting
     missing from ``saved`` (added after that scan was written) reads as its default, which is what the
@@ -704,5 +723,6 @@ def scan_overrides(path: str | Path, want: str) -> list[str]:
     return [f"method.target={json.dumps(top['target'])}"]
 
 
-__all__ = ["ANY_POOLS", "BEHAVIOURS", "ScanError", "ScanSettings", "THRESHOLD", "infer_target", "read_scan", "scan",
-           "scan_model", "scan_overrides", "settings_match", "split_prompts", "pools_of", "report_markdown"]
+__all__ = ["ANY_POOLS", "BEHAVIOURS", "BUDGETS", "ScanError", "ScanSettings", "THRESHOLD", "infer_target",
+           "pools_of", "read_scan", "report_markdown", "scan", "scan_model", "scan_overrides", "settings_for",
+           "settings_match", "split_prompts"]
