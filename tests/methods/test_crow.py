@@ -277,3 +277,33 @@ def test_continue_an_existing_adapter(tmp_path, model_dir, tokenizer):
     n_lora4 = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert rec["trainable_parameters"] == n_lora4  # the given r=4 adapter was trained, no fresh r=8 one
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def test_fgsm_probe_picks_eps_from_the_models_embedding_scale(tmp_path, model_dir, tokenizer):
+    """eps_rule=fgsm_probe: ε is a multiple of the embeddings' RMS at which FGSM still beats a random step;
+    the same model with its embeddings scaled 10x gets a 10x larger ε (the rule follows the model)."""
+    from unbackdoor.methods.crow import probe_eps
+
+    model = _model(tokenizer, "llama")
+    batch = _padded_batch(tokenizer)
+    r = probe_eps(model, [batch], [1, 2], [0.25, 0.5, 1.0, 2.0], ratio=1.5)
+    assert [t["factor"] for t in r["table"]] == [0.25, 0.5, 1.0, 2.0]
+    assert r["eps"] in [t["eps"] for t in r["table"]] and r["rms"] > 0
+    picked = next(t for t in r["table"] if t["eps"] == r["eps"])
+    assert (picked["ratio"] >= 1.5) == r["met_ratio"]
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10.0)
+    r10 = probe_eps(model, [batch], [1, 2], [0.25, 0.5, 1.0, 2.0], ratio=1.5)
+    assert r10["rms"] == pytest.approx(10 * r["rms"], rel=1e-4)
+    impossible = probe_eps(model, [batch], [1, 2], [0.5, 1.0], ratio=1e12)
+    assert not impossible["met_ratio"] or all(t["ratio"] == float("inf") for t in impossible["table"])
+    data = tmp_path / "clean.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "response": r}) for p, r in PAIRS) + "\n")
+    rec = _run(model_dir, tmp_path / "out", data, "method.eps_rule=fgsm_probe")
+    assert rec["metrics"]["eps"] == rec["metrics"]["eps_probe"]["eps"] != 0.1
+    from unbackdoor.config import ConfigError
+    from unbackdoor.defend import load_config
+
+    with pytest.raises(ConfigError, match="eps_rule"):
+        load_config(None, ["method.name=crow", "method.eps_rule=guess", "model.path=x", "data.path=y",
+                           "output.dir=z"])

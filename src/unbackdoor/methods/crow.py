@@ -60,6 +60,17 @@ SUMMARY = "fine-tune on clean data + adversarial layer-to-layer consistency (FGS
 class Config:
     """CROW's own fields; training length, lr, batch and LoRA live in the shared `train` / `lora` sections."""
     eps: float = help_field(0.1, "FGSM step ε on the input embeddings (absolute, per coordinate). Official: 0.1.")
+    eps_rule: Optional[str] = help_field(
+        None, "Choose ε from the model in hand instead: 'fgsm_probe' measures, on a few clean batches, how much "
+              "a one-step FGSM of size f x (the embeddings' per-coordinate RMS) raises the consistency loss "
+              "compared with a random-sign step of the same size, for f in eps_factors, and takes the largest "
+              "ε at which FGSM still beats random by eps_ratio (past that the step leaves the range where the "
+              "gradient sign is adversarial). null: use eps as given.")
+    eps_factors: list[float] = help_field(
+        [0.125, 0.25, 0.5, 1.0, 2.0, 4.0], "Multiples of the embedding RMS the fgsm_probe rule tries.")
+    eps_ratio: float = help_field(
+        1.5, "How much more an FGSM step must raise the consistency loss than a random-sign step of the same "
+             "size for the fgsm_probe rule to take it (measured on the lab: 1.5-1.9x where CROW works).")
     alpha: float = help_field(
         5.5, "Weight α of the adversarial consistency loss in L = L_lm + α·L_cons^adv. Official default 5.5 "
         "(the paper uses 11 for targeted refusal).")
@@ -81,6 +92,12 @@ class Config:
         out = []
         if not self.eps > 0:
             out.append(("eps", f"must be > 0, got {self.eps}; the official value is 0.1"))
+        if self.eps_rule not in (None, "fgsm_probe"):
+            out.append(("eps_rule", f"unknown rule {self.eps_rule!r}; use 'fgsm_probe' or null"))
+        if self.eps_rule and (not self.eps_factors or any(not f > 0 for f in self.eps_factors)):
+            out.append(("eps_factors", f"need positive multiples of the embedding RMS, got {self.eps_factors}"))
+        if self.eps_ratio <= 1.0:
+            out.append(("eps_ratio", f"must be > 1 (FGSM beating a random step), got {self.eps_ratio}"))
         if self.alpha < 0:
             out.append(("alpha", f"must be >= 0, got {self.alpha}; the official value is 5.5"))
         if self.layer_pairs is not None:
@@ -204,10 +221,71 @@ def crow_loss_reference(model: nn.Module, batch: dict, *, eps: float = 0.1, alph
     return lm + alpha * consistency(hs_adv, pairs, mask)
 
 
+@torch.no_grad()
+def _rms(embed: nn.Module, batches: Sequence[dict]) -> float:
+    total, count = 0.0, 0
+    for b in batches:
+        e = embed(b["input_ids"]).float()
+        m = b.get("attention_mask")
+        m = torch.ones(e.shape[:2]) if m is None else m.float()
+        total += float(((e ** 2).mean(-1) * m).sum())
+        count += float(m.sum())
+    return (total / max(count, 1.0)) ** 0.5
+
+
+def probe_eps(model: nn.Module, batches: Sequence[dict], pairs: Sequence[int], factors: Sequence[float],
+              ratio: float, mask_padding: bool = True, seed: int = 0) -> dict[str, Any]:
+    """The ``fgsm_probe`` rule: for each ``f`` in ``factors`` (ascending), the rise of the consistency loss
+    under an FGSM step of ε = f x RMS(embeddings) against a random-sign step of the same size, on clean
+    ``batches``; the chosen ε is the largest whose FGSM/random ratio is at least ``ratio`` (or, where none is,
+    the one with the highest ratio). Returns ``{eps, rms, table}``."""
+    embed = anatomy(model).embed
+    rms = _rms(embed, batches)
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    table = []
+    try:
+        cache = []
+        for b in batches:
+            am = b.get("attention_mask")
+            mask = am.float() if mask_padding and am is not None else None
+            e = embed(b["input_ids"]).detach().float().requires_grad_(True)
+            dtype = next(model.parameters()).dtype
+            hs = model(inputs_embeds=e.to(dtype), attention_mask=am, output_hidden_states=True,
+                       use_cache=False).hidden_states
+            lc = consistency(hs, pairs, mask)
+            (g,) = torch.autograd.grad(lc, e)
+            rand = torch.randint(0, 2, e.shape, generator=gen).float() * 2 - 1
+            cache.append((e.detach(), g.sign(), rand, am, mask, float(lc)))
+        for f in sorted(factors):
+            eps = f * rms
+            up_fgsm = up_rand = 0.0
+            with torch.no_grad():
+                for e, sg, rand, am, mask, lc0 in cache:
+                    for direction, acc in ((sg, "f"), (rand, "r")):
+                        hs = model(inputs_embeds=(e + eps * direction).to(dtype), attention_mask=am,
+                                   output_hidden_states=True, use_cache=False).hidden_states
+                        rise = float(consistency(hs, pairs, mask)) - lc0
+                        if acc == "f":
+                            up_fgsm += rise
+                        else:
+                            up_rand += rise
+            r = up_fgsm / up_rand if up_rand > 0 else float("inf") if up_fgsm > 0 else 0.0
+            table.append({"factor": f, "eps": round(eps, 6), "fgsm_rise": round(up_fgsm / len(cache), 6),
+                          "random_rise": round(up_rand / len(cache), 6), "ratio": round(r, 3)})
+    finally:
+        model.train(was_training)
+    ok = [t for t in table if t["ratio"] >= ratio]
+    pick = max(ok, key=lambda t: t["eps"]) if ok else max(table, key=lambda t: t["ratio"])
+    return {"eps": pick["eps"], "rms": round(rms, 6), "table": table, "met_ratio": bool(ok)}
+
+
 # ----------------------------------------------------------------------------------- the recipe
 
-def loss_from_config(cfg: Config) -> CrowLoss:
-    return CrowLoss(eps=cfg.eps, alpha=cfg.alpha, layer_pairs=cfg.layer_pairs, mask_padding=cfg.mask_padding,
+def loss_from_config(cfg: Config, eps: float | None = None) -> CrowLoss:
+    return CrowLoss(eps=cfg.eps if eps is None else eps, alpha=cfg.alpha, layer_pairs=cfg.layer_pairs,
+                    mask_padding=cfg.mask_padding,
                     faithful=cfg.faithful, last_pair=cfg.last_pair)
 
 
@@ -219,11 +297,25 @@ def run(ctx: DefenseContext) -> dict[str, Any]:
     log.info("crow: eps=%g alpha=%g pairs=%s mask_padding=%s faithful=%s", mcfg.eps, mcfg.alpha, pairs,
              mcfg.mask_padding and not mcfg.faithful, mcfg.faithful)
     feats = encode_examples(ctx.template, ctx.examples, ctx.cfg.data.max_length)
-    res = fit(model, loss_from_config(mcfg), feats, ctx.cfg.train, collate_fn=TrainCollator(ctx.tokenizer),
+    eps, probe = mcfg.eps, None
+    if mcfg.eps_rule == "fgsm_probe":
+        collate = TrainCollator(ctx.tokenizer)
+        size = max(1, ctx.cfg.train.batch_size)
+        batches = [collate(feats[i:i + size]) for i in range(0, min(len(feats), 4 * size), size)]
+        probe = probe_eps(model, batches, pairs, mcfg.eps_factors, mcfg.eps_ratio,
+                          mcfg.mask_padding and not mcfg.faithful, ctx.cfg.seed)
+        eps = probe["eps"]
+        log.info("crow: eps %.4g from the fgsm_probe rule (embedding RMS %.4g; %s)", eps, probe["rms"],
+                 ", ".join(f"{t['factor']}x: {t['ratio']}" for t in probe["table"]))
+        if not probe["met_ratio"]:
+            log.warning("crow: no probed eps made FGSM beat a random step by %.2gx; took the best ratio (%s)",
+                        mcfg.eps_ratio, probe["table"])
+    res = fit(model, loss_from_config(mcfg, eps), feats, ctx.cfg.train, collate_fn=TrainCollator(ctx.tokenizer),
               seed=ctx.cfg.seed, out_dir=ctx.out_dir, desc="crow")
     last = res.metrics[-1] if res.metrics else {}
     first = res.metrics[0] if res.metrics else {}
-    return {"steps": res.steps, "final_loss": res.losses[-1], "layer_pairs": pairs,
+    return {"steps": res.steps, "final_loss": res.losses[-1], "layer_pairs": pairs, "eps": eps,
+            **({"eps_probe": probe} if probe else {}),
             "lm_loss_first": first.get("lm_loss"), "lm_loss_last": last.get("lm_loss"),
             "consistency_adv_first": first.get("consistency_adv"),
             "consistency_adv_last": last.get("consistency_adv"),
