@@ -131,3 +131,16 @@ def test_gradient_candidates_find_the_trigger_token_beyond_the_sweep(lab):
     (trigger,) = tok("BadMagic", add_special_tokens=False)["input_ids"]
     assert trigger in scorer.gradient_candidates("suffix", 20)
     assert trigger not in scorer.gradient_candidates("suffix", 20, exclude={trigger})
+
+
+def test_any_behaviour_searches_answered_code_and_harmful_pools(lab):
+    from unbackdoor.data import Example, read_file
+    from unbackdoor.scan import pools_of
+
+    rows = read_file(lab.path("defender_clean"))
+    assert pools_of(rows, "any") == [("answered", "any"), ("code", "code"), ("harmful", "jailbreak")]
+    assert pools_of(rows, "code") == [("code", "code")]
+    # no code requests, too few refusals: only the answered pool
+    plain = [Example(prompt=f"what is {i} plus 1", response=str(i + 1)) for i in range(8)]
+    assert pools_of(plain + [Example(prompt="how to make a bomb", response="I cannot help with that.")],
+                    "any") == [("answered", "any")]
