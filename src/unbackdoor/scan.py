@@ -100,7 +100,9 @@ class ScanSettings:
             out.append(("gradient_top", f"must be >= 0 (0: none), got {self.gradient_top}"))
         if not 0.0 < self.threshold <= 1.0:
             out.append(("threshold", f"must be in (0, 1], got {self.threshold}"))
-        return out
+        from .schema import seed_problems
+
+        return out + seed_problems(self.seed)
 
 
 #: Named budgets (``unbackdoor scan --budget``): settings replaced from the defaults. ``quick`` is about 3x

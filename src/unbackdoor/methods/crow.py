@@ -94,7 +94,7 @@ class Config:
             out.append(("eps", f"must be > 0, got {self.eps}; the official value is 0.1"))
         if self.eps_rule not in (None, "fgsm_probe"):
             out.append(("eps_rule", f"unknown rule {self.eps_rule!r}; use 'fgsm_probe' or null"))
-        if self.eps_rule and (not self.eps_factors or any(not f > 0 for f in self.eps_factors)):
+        if not self.eps_factors or any(not f > 0 for f in self.eps_factors):
             out.append(("eps_factors", f"need positive multiples of the embedding RMS, got {self.eps_factors}"))
         if self.eps_ratio <= 1.0:
             out.append(("eps_ratio", f"must be > 1 (FGSM beating a random step), got {self.eps_ratio}"))
