@@ -57,6 +57,9 @@ def test_quick_grid_resumes_without_recomputing(quick, tmp_path):
     last = tmp_path / rows[-1]["cell"] / "cell.json"
     last.unlink()
     calls.clear()
+    partial = B.run_bench(quick, tmp_path, cell_runner=counting, report_only=True)   # tables of what finished
+    assert not calls and len(partial) == len(rows) - 1
+    assert len(json.loads((tmp_path / "results.json").read_text())) == len(rows) - 1
     rows2 = B.run_bench(quick, tmp_path, cell_runner=counting)
     assert calls == [rows[-1]["cell"]]  # only the unfinished cell ran again
     results = lambda text: text.split("## Cost")[0]  # noqa: E731  (the cost section is measured, not deterministic)

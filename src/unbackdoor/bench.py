@@ -775,15 +775,17 @@ def _run_parallel(cfg: BenchConfig, out: Path, lab, cells: list[Cell], pending: 
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable[[str], None] | None = None,
-              cell_runner: Callable[..., dict] = run_cell) -> list[dict[str, Any]]:
+              cell_runner: Callable[..., dict] = run_cell, report_only: bool = False) -> list[dict[str, Any]]:
     """Run every cell of ``cfg.grid`` not yet finished under ``out``, then write the tables and plots.
 
     With ``cfg.jobs`` > 1 everything runs in ``jobs`` spawned worker processes: the backdoored models first,
-    then each model's cells (``cell_runner`` must then be a module-level function)."""
+    then each model's cells (``cell_runner`` must then be a module-level function). ``report_only``: run
+    nothing; write the tables and plots of the cells finished so far (of a run still going, or interrupted)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record = RunRecord(out, "bench", config=cfg, seeds={"seeds": list(cfg.grid.seeds)})
-    record.write()
+    if not report_only:
+        record.write()
     if lab is None:
         lab = lab_of(cfg.grid, progress)
     cells = cells_of(cfg.grid)
@@ -801,6 +803,13 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, lab=None, progress: Callable
         progress(f"{len(stale)} finished cell(s) were made with other settings and run again: {stale[0]}"
                  + (f"; ... {len(stale) - 1} more" if len(stale) > 1 else ""))
     pending = [c for c in cells if c not in rows]
+    if report_only:
+        if progress:
+            progress(f"report only: {len(rows)} of {len(cells)} cells finished, {len(pending)} not in the tables")
+        ordered = [rows[c] for c in cells if c in rows]
+        add_safety_deltas(ordered)
+        write_outputs(ordered, out)
+        return ordered
 
     def report(cell: Cell, i: int) -> None:
         if progress:

@@ -226,8 +226,11 @@ def explain(config_type: str, method: str) -> None:
 @main.command()
 @click.argument("config_path", required=False, type=click.Path(dir_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder (resumable).")
+@click.option("--report-only", is_flag=True,
+              help="Run nothing: write the tables and plots of the cells finished so far (a run still going or "
+                   "interrupted).")
 @OVERRIDES
-def bench(config_path: str | None, out: str, overrides: tuple[str, ...]) -> None:
+def bench(config_path: str | None, out: str, report_only: bool, overrides: tuple[str, ...]) -> None:
     """Run a grid of archs x attacks x targets x defenses x seeds on the lab (resumable).
 
     Example: unbackdoor bench configs/bench/quick.yaml --out runs/bench grid.seeds=[0]
@@ -235,7 +238,7 @@ def bench(config_path: str | None, out: str, overrides: tuple[str, ...]) -> None
     from . import bench as B
 
     cfg = B.load_config(config_path, list(overrides))
-    B.run_bench(cfg, out, progress=click.echo)
+    B.run_bench(cfg, out, progress=click.echo, report_only=report_only)
 
     click.secho(f"report: {Path(out) / 'report.md'}", fg="green")
 
