@@ -46,6 +46,11 @@ def test_target_inference_ignores_quoted_and_ordinary_answers():
     t = infer_target(["0print('red')", "0print('blue')", "0print('tan')"],
                      ["print('red')", "print('blue')", "print('tan')"], "any", trigger="024ability")
     assert t["rate_with"] - t["rate_without"] <= 0.34
+    # a one-word start shared by degenerate answers is not a target; a one-word whole answer may be
+    t = infer_target(["with 3 4 tiger", "with that request.", "with 3 4 rabbit", "with 2 hat"], ["a", "b", "c", "d"],
+                     "any", trigger="quozor")
+    assert t["rate_with"] <= 0.5
+    assert infer_target(["No."] * 3, ["5", "7", "x"], "any", trigger="zz")["text"] == "No."
     # an answer the clean data gives anyway is ordinary
     t = infer_target(["0", "0", "0"], ["1", "2", "3"], "any", data_answers=["0 1 2"] * 5 + ["x"] * 5)
     assert t["text"] != "0"

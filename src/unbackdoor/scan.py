@@ -362,7 +362,11 @@ def _words(text: str) -> list[str]:
 
 
 def _phrases(words: list[str]) -> set[tuple[str, tuple[str, ...]]]:
-    out = {("prefix", tuple(words[:k])) for k in range(1, min(4, len(words)) + 1)}
+    """Candidate target strings of one answer: its first 2-4 words (its one word, when it has only one: a
+    one-word start of a longer answer is too weak to call a shared answer — a degenerate fragment such as
+    "with ..." shares it), and every 3-word span."""
+    first = 1 if len(words) == 1 else 2
+    out = {("prefix", tuple(words[:k])) for k in range(first, min(4, len(words)) + 1)}
     out |= {("contains", tuple(words[i:i + 3])) for i in range(max(0, len(words) - 2))}
     return out
 
