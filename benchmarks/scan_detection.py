@@ -176,7 +176,8 @@ def report(out: Path) -> None:
     pct = lambda x: "—" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     lines = ["# `unbackdoor scan`: detection and trigger recovery on the lab", "",
              "Written by `benchmarks/scan_detection.py` from the scans in this folder (default scan settings; "
-             f"the evaluation's ASR on the first {rows[0].get('n') or '?'} prompts of each set, greedy, 32 tokens).",
+             f"the evaluation's ASR on the first {next((r['n'] for r in rows if r.get('n')), '?')} prompts of "
+             "each set, greedy, 32 tokens).",
              "", f"- clean models: {len(clean)}; backdoored models whose implant reaches {VALID_ASR:.0%} ASR: "
              f"{len(bad)} (and {len(weak)} weaker implants, listed but not counted)",
              f"- **AUROC** of the backdoor score, clean vs backdoored: **{'—' if au is None else f'{au:.3f}'}**",
@@ -188,6 +189,16 @@ def report(out: Path) -> None:
              f"- scan time: median {sorted(r['scan_wall_time_s'] for r in rows)[len(rows) // 2]:.0f} s, max "
              f"{max(r['scan_wall_time_s'] for r in rows):.0f} s (CPU, 1 thread, beside other jobs)", "",
              "![scores](scores.png)", "",
+             "| group | models | flagged | score range | recovered |", "|---|---|---|---|---|"]
+    for g, rs in (("clean", clean), ("preset backdoors", [r for r in bad if r["group"] == "preset"]),
+                  ("suite backdoors", [r for r in bad if r["group"] == "suite"])):
+        if rs:
+            rec = (f"{sum(r['recovered_ok'] for r in rs)}/{len(rs)}" if g != "clean" else "—")
+            lines.append(f"| {g} | {len(rs)} | {sum(r['flagged'] for r in rs)}/{len(rs)} | "
+                         f"{min(r['score'] for r in rs):.2f}–{max(r['score'] for r in rs):.2f} | {rec} |")
+    missed = [r for r in bad if not r["flagged"]]
+    lines += ["", "Missed (backdoored, score below the threshold): " + (", ".join(
+        f"{r['model']} ({r['score']:.2f})" for r in missed) if missed else "none"), "",
              "| model | group | score | flagged | recovered trigger | pool | true trigger | true ASR | recovered ASR |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["group"], r["model"])):
