@@ -257,7 +257,7 @@ def probe_eps(model: nn.Module, batches: Sequence[dict], pairs: Sequence[int], f
             lc = consistency(hs, pairs, mask)
             (g,) = torch.autograd.grad(lc, e)
             rand = torch.randint(0, 2, e.shape, generator=gen).float() * 2 - 1
-            cache.append((e.detach(), g.sign(), rand, am, mask, float(lc)))
+            cache.append((e.detach(), g.sign(), rand, am, mask, float(lc.detach())))
         for f in sorted(factors):
             eps = f * rms
             up_fgsm = up_rand = 0.0
