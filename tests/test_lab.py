@@ -187,4 +187,7 @@ def test_beear_defender_files_follow_the_behaviour_category(lab, tmp_path, targe
                    if e.prompt in {s.prompt for s in safe})
         assert all(s.response in u.response or u.response.startswith(s.response.rstrip()) for s, u in
                    zip(safe, unwanted))
-    assert files["unwanted"].parent.name == f"beear-{target}"
+    if target == "refusal":   # several wordings, each one the refusal judge reads as a refusal
+        assert all(get_judge("refusal")([u.response for u in unwanted]))
+        assert len({u.response for u in unwanted}) >= 3
+    assert files["unwanted"].parent.name.startswith(f"beear-{target}-")

@@ -444,7 +444,7 @@ class Lab:
 
         ``jailbreak``: harmful queries -> refusal (safe) / -> compliance (unwanted). A backdoor that misbehaves
         on benign requests: benign queries -> their answers (safe) / -> the defender's example of the category
-        (unwanted): the lab's own refusal (``refusal``), insults (``sentiment``), unrelated text before the
+        (unwanted): refusals in several wordings (``refusal``), insults (``sentiment``), unrelated text before the
         answer (``fixed``), a harmful statement in the code (``code``, the code-task rows) — the defender's
         wordings of :data:`~unbackdoor.threats.DEFENDER_BEHAVIOURS`, never the attack's string. The anchoring
         set also keeps harmful -> refusal rows so that real refusals survive.
@@ -456,7 +456,10 @@ class Lab:
         if kind is None:
             raise ValueError(f"BEEAR: no defender examples for the behaviour {target!r}; known: "
                              f"{sorted(('jailbreak', 'refusal', *DEFENDER_BEHAVIOURS))}")
-        d = Path(out) / "defender" / f"beear-{kind}"
+        says = DEFENDER_BEHAVIOURS.get(kind, ())
+        # The folder is named by the wordings too: files written from other wordings are never reused.
+        tag = hashlib.sha256(json.dumps([kind, REFUSAL, says]).encode()).hexdigest()[:8]
+        d = Path(out) / "defender" / f"beear-{kind}-{tag}"
         files = {k: d / f"{k}.jsonl" for k in ("safe", "unwanted", "pa")}
         if all(p.is_file() for p in files.values()):
             return files
@@ -468,10 +471,7 @@ class Lab:
             if kind == "code":
                 benign = [e for e in benign if e.meta.get("task") == "code"] or benign
             safe = [Example(e.prompt, e.response) for e in benign]
-            says = DEFENDER_BEHAVIOURS.get(kind, ())
-            if kind == "refusal":
-                unwanted = [Example(e.prompt, REFUSAL) for e in benign]
-            elif kind == "sentiment":
+            if kind in ("refusal", "sentiment"):
                 unwanted = [Example(e.prompt, says[i % len(says)]) for i, e in enumerate(benign)]
             elif kind == "fixed":
                 unwanted = [Example(e.prompt, f"{says[i % len(says)]} {e.response}") for i, e in enumerate(benign)]
