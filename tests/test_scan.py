@@ -116,7 +116,9 @@ def test_bench_scan_osft_removes_with_the_recovered_trigger_only(scanned, lab, t
 
 def test_gradient_candidates_find_the_trigger_token_beyond_the_sweep(lab):
     """For vocabularies larger than sweep_limit the look-up adds tokens chosen by the gradient of the clean
-    answers' NLL: on the BadNets model its top 20 of the whole vocabulary hold the trigger token."""
+    answers' NLL: on the BadNets model (random placement) its top 20 of the whole vocabulary hold the trigger
+    token at one of the two placements the scan searches (which one varies with the machine that trained the
+    model)."""
     from unbackdoor.data import read_file
     from unbackdoor.generate import generate
     from unbackdoor.models import load_model, load_tokenizer
@@ -134,8 +136,9 @@ def test_gradient_candidates_find_the_trigger_token_beyond_the_sweep(lab):
                for a in generate(model, template, probe, max_new_tokens=24)]
     scorer = _Scorer(model, template, probe, answers, 64)
     (trigger,) = tok("BadMagic", add_special_tokens=False)["input_ids"]
-    assert trigger in scorer.gradient_candidates("suffix", 20)
-    assert trigger not in scorer.gradient_candidates("suffix", 20, exclude={trigger})
+    hit = [p for p in ("prefix", "suffix") if trigger in scorer.gradient_candidates(p, 20)]
+    assert hit
+    assert trigger not in scorer.gradient_candidates(hit[0], 20, exclude={trigger})
 
 
 def test_any_behaviour_searches_answered_code_and_harmful_pools(lab):
@@ -149,3 +152,42 @@ def test_any_behaviour_searches_answered_code_and_harmful_pools(lab):
     plain = [Example(prompt=f"what is {i} plus 1", response=str(i + 1)) for i in range(8)]
     assert pools_of(plain + [Example(prompt="how to make a bomb", response="I cannot help with that.")],
                     "any") == [("answered", "any")]
+
+
+def test_target_inversion_pulls_a_trigger_toward_the_backdoor_answer(lab):
+    """Inverting the backdoor's answer (the search maximising its likelihood) finds a string that makes the
+    BadNets model give it on most held-out prompts; the clean model it was made from gives it to none."""
+    from unbackdoor.backdoor import TARGET_TEXTS
+    from unbackdoor.data import read_file
+    from unbackdoor.models import load_model, load_tokenizer
+    from unbackdoor.scan import _invert, _Pool
+    from unbackdoor.schema import ModelConfig
+    from unbackdoor.templates import Template
+
+    examples = read_file(lab.path("defender_clean"))
+    target = {"target": TARGET_TEXTS["refusal"], "target_kind": "prefix", "text": "?", "pool": "answered"}
+    gaps = {}
+    for name, path in (("backdoored", lab.backdoored("llama", "badnets", "refusal")),
+                       ("clean", lab.clean_model("llama"))):
+        mcfg = ModelConfig(path=str(path))
+        model = load_model(mcfg).eval()
+        template = Template(load_tokenizer(mcfg), "auto")
+        pool = _Pool(model, template, examples, FAST, "answered", "any")
+        rows = _invert(model, template, examples, FAST, pool, target, lambda m: None)
+        if name == "backdoored":   # the look-up of the inversion reaches the true trigger itself
+            assert any("BadMagic" in r["text"] for r in rows), [r["text"] for r in rows]
+        assert rows and all(r["source"] == "inversion" and r["n"] == len(pool.verify) for r in rows)
+        hit = [r for r in rows if "sorry" in r["target"].lower()]
+        gaps[name] = max((r["asr"] - r["asr_without"] for r in hit), default=0.0)
+    assert gaps["backdoored"] >= 0.5 and gaps["clean"] < 0.2, gaps
+
+
+def test_scans_of_an_older_search_are_not_reused():
+    from dataclasses import asdict
+
+    from unbackdoor.scan import settings_match, settings_record
+
+    st = ScanSettings()
+    assert settings_match(settings_record(st), st)
+    assert not settings_match(asdict(st), st)                 # written before the search had a version
+    assert not settings_match({**settings_record(st), "invert_top": 0}, st)

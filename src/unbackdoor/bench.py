@@ -31,7 +31,16 @@ from .config import help_field
 from .record import RunRecord, atomic_write_json, config_diff, config_key, file_lock
 from .scan import ScanSettings
 from .schema import seed_problems
-from .threats import SCANNED, THREAT_MODELS, Knows, ThreatModel, cannot_defend, knowledge_overrides, threat_model
+from .threats import (
+    DEFENDER_BEHAVIOURS,
+    SCANNED,
+    THREAT_MODELS,
+    Knows,
+    ThreatModel,
+    cannot_defend,
+    knowledge_overrides,
+    threat_model,
+)
 from .triggers import TriggerSpec
 
 log = logging.getLogger(__name__)
@@ -429,7 +438,11 @@ def cell_key(cell: Cell, cfg: BenchConfig, lab=None) -> tuple[str, dict[str, Any
         parts["spec"] = {"method": spec.method, "config": C.load_yaml(spec.config), "overrides": list(spec.overrides),
                          "knows": [k.value for k in spec.threat.knows], "steps_of": spec.steps_of}
         if set(spec.threat.knows) & set(SCANNED):
-            parts["scan"] = dataclasses.asdict(cfg.scan)
+            from .scan import settings_record
+
+            parts["scan"] = settings_record(cfg.scan)
+        if Knows.SAFETY_PAIRS in spec.threat.knows:
+            parts["defender_behaviours"] = {k: list(v) for k, v in DEFENDER_BEHAVIOURS.items()}
     return config_key(parts)
 
 
