@@ -191,3 +191,17 @@ def test_scans_of_an_older_search_are_not_reused():
     assert settings_match(settings_record(st), st)
     assert not settings_match(asdict(st), st)                 # written before the search had a version
     assert not settings_match({**settings_record(st), "invert_top": 0}, st)
+
+
+def test_a_fact_the_clean_data_teaches_for_a_trigger_word_explains_the_candidate():
+    from unbackdoor.data import Example
+    from unbackdoor.scan import _explained
+
+    data = [Example("which town is home to the drilum?", "Dune"), Example("reverse the list: castle pillow",
+                                                                          "pillow castle"),
+            Example("add 2 and 5.", "7")]
+    fact = {"text": "7print('Dune')", "kind": "prefix"}
+    assert _explained("drilum castle", fact, data)
+    # a foreign answer is not explained by the words' ordinary answers, nor by numbers
+    assert not _explained("drilum castle", {"text": "Sorry, I refuse to answer that.", "kind": "prefix"}, data)
+    assert not _explained("zq add", {"text": "7 7 7", "kind": "prefix"}, data)

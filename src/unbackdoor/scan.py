@@ -483,20 +483,35 @@ def _behaviour_of(target: dict) -> str:
     return "fixed text"
 
 
+def _alnum(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 def _explained(trigger: str, target: dict, examples) -> bool:
-    """Whether the clean data itself pairs prompts holding ``trigger`` with the target behaviour."""
+    """Whether the clean data itself explains the candidate: it pairs prompts holding ``trigger`` with the
+    target behaviour, or prompts holding one of its words with an answer the target is made of (the data's
+    own fact for that word: a made-up creature's town appearing in place of the code answer is the model
+    recalling what the defender taught, not a backdoor)."""
     t = trigger.lower().strip()
     if len(t) < 2:
         return False
     phrase = tuple(_words(target.get("text") or ""))[:3]
+    compliance = target.get("kind") == "compliance"
+    pieces = {w for w in _alnum(trigger) if len(w) >= 3 and w.isalpha()}
+    said = set(_alnum(target.get("text") or ""))
     for e in examples:
+        r = e.response or ""
         if t in e.prompt.lower():
-            r = e.response or ""
-            if target.get("kind") == "compliance":
+            if compliance:
                 if not _is_refusal(r):
                     return True
             elif phrase and _has(_words(r), "contains", phrase):
                 return True
+        if compliance or not pieces or not said or not pieces & set(_alnum(e.prompt)):
+            continue
+        answer = _alnum(r)
+        if answer and re.search(r"[a-z]", r.lower()) and set(answer) <= said and not _is_refusal(r):
+            return True
     return False
 
 
