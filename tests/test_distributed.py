@@ -46,17 +46,38 @@ def _argv(method: str, lab, out: Path, *extra: str) -> list[str]:
 SAME = ["train.grad_accum=1", "train.max_grad_norm=null", "data.limit=8"]
 
 
+def _equal_length_rows(lab, model: Path, path: Path, n: int = 8) -> str:
+    """``n`` clean rows whose prompt and response encode to the same lengths under the model's chat
+    template, so that a micro-batch mean weighs every token alike in one process and in two."""
+    from transformers import AutoTokenizer
+
+    from unbackdoor.data import encode, read_file
+    from unbackdoor.templates import Template
+
+    tpl = Template(AutoTokenizer.from_pretrained(model), "chat")
+    groups: dict[tuple[int, int], list] = {}
+    for e in read_file(lab.path("defender_clean")):
+        f = encode(tpl, e.prompt, e.response, system=e.system)
+        groups.setdefault((f["prompt_len"], len(f["input_ids"])), []).append(e)
+    rows = max(groups.values(), key=len)
+    assert len(rows) >= n, f"no {n} clean rows of one length: {sorted(map(len, groups.values()))[-5:]}"
+    path.write_text("".join(json.dumps(e.to_json()) + "\n" for e in rows[:n]))
+    return f"data.path={path}"
+
+
 @pytest.mark.parametrize("method", sorted(STEPS))
 def test_two_gloo_processes_run_every_trained_method(method, lab, tmp_path):
     """For fine-tuning, also the 1-process run at the same global batch: the same 4 steps over the same
-    samples give the same final loss within 1% — not bit-equal, because each process averages its own
-    micro-batch's tokens and DDP then averages the processes, so rows of different lengths weigh differently
-    than in one batch of 2 (with equal-length rows the trajectories agree to 1e-4: test_train.py)."""
+    samples of equal length give the same final loss up to float reduction order. (Rows of different lengths
+    would not: each process averages its own micro-batch's tokens and DDP then averages the processes, so
+    they would weigh differently than in one batch of 2.)"""
     from unbackdoor.models import load_model
     from unbackdoor.schema import ModelConfig
 
     out = tmp_path / method
-    extra = [*SAME, "train.batch_size=1"] if method == "finetune" else []
+    same = [*SAME, _equal_length_rows(lab, Path(lab.backdoored("llama", "badnets", "refusal")),
+                                      tmp_path / "equal.jsonl")] if method == "finetune" else []
+    extra = [*same, "train.batch_size=1"] if method == "finetune" else []
     r = _run(_argv(method, lab, out, *extra), 2, 29560 + sorted(STEPS).index(method))
     assert r.returncode == 0, r.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
@@ -66,8 +87,8 @@ def test_two_gloo_processes_run_every_trained_method(method, lab, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no staging left
     if method == "finetune":
         assert run["distributed"]["global_batch"] == 2
-        one = _run(_argv(method, lab, tmp_path / "one", *SAME, "train.batch_size=2"), 1, 0)
+        one = _run(_argv(method, lab, tmp_path / "one", *same, "train.batch_size=2"), 1, 0)
         assert one.returncode == 0, one.stderr[-3000:]
         r1 = json.loads((tmp_path / "one" / "run.json").read_text())
         assert r1["distributed"]["processes"] == 1
-        assert run["metrics"]["final_loss"] == pytest.approx(r1["metrics"]["final_loss"], rel=1e-2)
+        assert run["metrics"]["final_loss"] == pytest.approx(r1["metrics"]["final_loss"], rel=1e-4)
