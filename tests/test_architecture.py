@@ -4,7 +4,7 @@ Layers (lower first; a module may import its own layer or lower ones, never a hi
 
     0  errors, config
     1  schema, triggers, record, arch, templates
-    2  backdoor (the vocabulary), data, models, generate, train, gguf
+    2  backdoor (the vocabulary), data, models, generate, train, sharding, gguf
     3  components.*, eval.*
     4  methods.* (recipes), attack
     5  defend, threats, lab.*, real
@@ -27,7 +27,7 @@ PKG = "unbackdoor"
 LAYERS = [
     ["errors", "config"],
     ["schema", "triggers", "record", "arch", "templates"],
-    ["backdoor", "data", "models", "generate", "train", "gguf"],
+    ["backdoor", "data", "models", "generate", "train", "sharding", "gguf"],
     ["components", "eval"],
     ["methods", "attack"],
     ["defend", "threats", "lab", "real", "scan"],

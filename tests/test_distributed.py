@@ -1,6 +1,7 @@
-"""Every trained method under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo DDP): exit 0,
-run.json records the setup, rank 0 alone writes a model that loads, and plain fine-tuning follows the
-1-process loss at the same global batch."""
+"""Every trained method under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo), replicated
+(DDP) and sharded (`train.fsdp=true`, FSDP2): exit 0, run.json records the setup, rank 0 alone writes a
+model that loads, the sharded run follows the replicated one, and plain fine-tuning follows the 1-process
+loss at the same global batch."""
 from __future__ import annotations
 
 import json
@@ -65,30 +66,46 @@ def _equal_length_rows(lab, model: Path, path: Path, n: int = 8) -> str:
     return f"data.path={path}"
 
 
+def _losses(metrics: dict) -> dict[str, float]:
+    """A run's loss-like metrics (every float but times)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_s")}
+
+
 @pytest.mark.parametrize("method", sorted(STEPS))
-def test_two_gloo_processes_run_every_trained_method(method, lab, tmp_path):
-    """For fine-tuning, also the 1-process run at the same global batch: the same 4 steps over the same
-    samples of equal length give the same final loss up to float reduction order. (Rows of different lengths
-    would not: each process averages its own micro-batch's tokens and DDP then averages the processes, so
-    they would weigh differently than in one batch of 2.)"""
+def test_two_gloo_processes_run_every_trained_method_replicated_and_sharded(method, lab, tmp_path):
+    """Each method twice on 2 processes: replicated (DDP) and with ``train.fsdp=true`` (FSDP2 over the 2
+    processes). Both exit 0, record their setup and save a model that loads; the sharded run's losses equal
+    the replicated run's up to float reduction order (1e-4). For fine-tuning, also the 1-process run at the
+    same global batch over rows of one encoded length: the same final loss (1e-4). (Rows of different lengths
+    would not match: each process averages its own micro-batch's tokens and DDP then averages the processes,
+    so they would weigh differently than in one batch of 2.)"""
     from unbackdoor.models import load_model
     from unbackdoor.schema import ModelConfig
 
-    out = tmp_path / method
     same = [*SAME, _equal_length_rows(lab, Path(lab.backdoored("llama", "badnets", "refusal")),
                                       tmp_path / "equal.jsonl")] if method == "finetune" else []
     extra = [*same, "train.batch_size=1"] if method == "finetune" else []
-    r = _run(_argv(method, lab, out, *extra), 2, 29560 + sorted(STEPS).index(method))
-    assert r.returncode == 0, r.stderr[-3000:]
-    run = json.loads((out / "run.json").read_text())
-    assert run["distributed"]["processes"] == 2 and run["distributed"]["backend"] == "gloo"
-    assert run["finished"] and run["metrics"]
-    assert load_model(ModelConfig(path=str(out / "model"))) is not None
+    runs = {}
+    for i, sharding in enumerate(["ddp", "fsdp"]):
+        out = tmp_path / f"{method}-{sharding}"
+        argv = _argv(method, lab, out, *extra, *(["train.fsdp=true"] if sharding == "fsdp" else []))
+        r = _run(["-v", *argv], 2, 29560 + 2 * sorted(STEPS).index(method) + i)
+        assert r.returncode == 0, r.stderr[-3000:]
+        run = runs[sharding] = json.loads((out / "run.json").read_text())
+        assert run["distributed"]["processes"] == 2 and run["distributed"]["backend"] == "gloo"
+        assert run["distributed"]["sharding"] == ("fsdp2" if sharding == "fsdp" else "replicated (DDP)")
+        assert ("FSDP2 over 2 processes" in r.stderr) == (sharding == "fsdp"), r.stderr[-3000:]
+        assert run["finished"] and run["metrics"]
+        assert load_model(ModelConfig(path=str(out / "model"))) is not None
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no staging left
+    ddp, fsdp = _losses(runs["ddp"]["metrics"]), _losses(runs["fsdp"]["metrics"])
+    assert ddp and fsdp.keys() == ddp.keys()
+    assert fsdp == pytest.approx(ddp, rel=1e-4, abs=1e-6)
     if method == "finetune":
-        assert run["distributed"]["global_batch"] == 2
+        assert runs["ddp"]["distributed"]["global_batch"] == 2
         one = _run(_argv(method, lab, tmp_path / "one", *same, "train.batch_size=2"), 1, 0)
         assert one.returncode == 0, one.stderr[-3000:]
         r1 = json.loads((tmp_path / "one" / "run.json").read_text())
         assert r1["distributed"]["processes"] == 1
-        assert run["metrics"]["final_loss"] == pytest.approx(r1["metrics"]["final_loss"], rel=1e-4)
+        for sharding in ("ddp", "fsdp"):
+            assert runs[sharding]["metrics"]["final_loss"] == pytest.approx(r1["metrics"]["final_loss"], rel=1e-4)

@@ -104,6 +104,27 @@ def test_accelerate_two_cpu_processes_match_one(tmp_path):
     assert not any(math.isnan(x) for x in l2["losses"])
 
 
+def test_fsdp_on_two_cpu_processes_matches_one_with_clipping_and_leaves_a_plain_model(tmp_path):
+    """``train.fsdp`` (FSDP2 over 2 gloo processes, batch 1 each) vs 1 process with batch 2, plain SGD with
+    a clip norm small enough to act at every step (so a wrong global norm changes the update): the same
+    losses and final weights up to reduction order, and the module fit() was given holds plain tensors again
+    (the sharded twin's weights gathered back)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, str(DIST_SCRIPT), str(one), "2", "sgd", "clip=0.05"], check=True, env=env,
+                   timeout=240)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29534", str(DIST_SCRIPT), str(two), "1", "fsdp", "sgd", "clip=0.05"]
+    subprocess.run(launch, check=True, env=env, timeout=240)
+    l1, l2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert l2["num_processes"] == 2 and l2["plain"]
+    assert l2["losses"] == pytest.approx(l1["losses"], rel=1e-4, abs=1e-5)
+    assert l1["losses"][-1] < l1["losses"][0]
+    for name, w in l1["weights"].items():
+        assert l2["weights"][name] == pytest.approx(w, rel=1e-3, abs=1e-5), name
+
+
 def test_peak_memory_window_resets(tmp_path):
     import os
 

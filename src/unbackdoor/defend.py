@@ -134,6 +134,7 @@ def distributed_setup(cfg: DefendConfig) -> dict[str, Any]:
     import torch.distributed as tdist
 
     return {"processes": acc.num_processes, "type": str(acc.distributed_type).rsplit(".", 1)[-1],
+            "sharding": "fsdp2" if cfg.train.fsdp else "replicated (DDP)",
             "backend": tdist.get_backend() if tdist.is_initialized() else None,
             "global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes}
 

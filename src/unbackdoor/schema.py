@@ -183,6 +183,10 @@ class TrainConfig:
                "1.5x faster LoRA training on such a CPU (benchmarks/bench_cpu_bf16.py). Off: bf16 applies to GPUs "
                "only and a CPU run stays fp32.")
     gradient_checkpointing: bool = help_field(False, "Recompute activations in backward to save memory.")
+    fsdp: bool = help_field(
+        False, "Shard the model's weights, gradients and optimizer state over the processes with FSDP2 (each "
+               "decoder layer one unit) under any multi-process launcher, gloo or NCCL; one process: ignored. "
+               "docs/gpu.md.")
     log_every: int = help_field(10, "Log the loss every N optimizer steps.")
     checkpoint_every: Optional[int] = help_field(None, "Save a resumable checkpoint every N optimizer steps.")
     log_with: list[str] = help_field([], "Accelerate trackers: tensorboard, wandb, mlflow.")

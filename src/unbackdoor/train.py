@@ -284,9 +284,17 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
     g.manual_seed(seed)
     loader = DataLoader(list(dataset), batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate_fn,
                         generator=g, drop_last=False)
-    optimizer = make_optimizer(params, cfg)
     raw_module = module
-    module, optimizer, loader = acc.prepare(module, optimizer, loader)
+    sharded = _shard(module, cfg, acc, desc)
+    if sharded is not None:   # FSDP2: train the sharded twin's parameters of the same names; no DDP wrapper
+        twin_named = dict(sharded.twin.named_parameters())
+        params = [twin_named[n] for n in named]
+        module = sharded.twin
+        optimizer = make_optimizer(params, cfg)
+        optimizer, loader = acc.prepare(optimizer, loader)
+    else:
+        optimizer = make_optimizer(params, cfg)
+        module, optimizer, loader = acc.prepare(module, optimizer, loader)
     total = planned_steps(len(loader), cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
     if cfg.log_with:
@@ -295,7 +303,12 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
     result = FitResult(upcast_from=upcast)
     step = 0
     key = checkpoint_key(cfg, desc)
-    if out_dir is not None and cfg.checkpoint_every:
+    checkpoints = bool(out_dir is not None and cfg.checkpoint_every)
+    if checkpoints and sharded is not None:
+        log.warning("%s: train.checkpoint_every is not written under train.fsdp; an interrupted run trains this "
+                    "phase again", desc)
+        checkpoints = False
+    if checkpoints:
         step = _load_checkpoint(Path(out_dir), named, optimizer, scheduler, key)
         result.resumed_from = step
     t0 = time.perf_counter()
@@ -315,7 +328,7 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
                     continue
                 micro += 1
                 sync_now = micro % cfg.grad_accum == 0
-                ctx = acc.no_sync(module) if not sync_now else _nullcontext()
+                ctx = acc.no_sync(module) if not sync_now and sharded is None else _nullcontext()
                 with ctx:
                     with acc.autocast():
                         loss, metrics = _split(loss_fn(module, batch))
@@ -329,7 +342,13 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
                     acc_metrics[k] = acc_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
                 if not sync_now:
                     continue
-                if cfg.max_grad_norm is not None:
+                if sharded is not None:
+                    from .sharding import clip_grad_norm, sync_replicated
+
+                    sync_replicated(params)
+                    if cfg.max_grad_norm is not None:
+                        clip_grad_norm(params, cfg.max_grad_norm)
+                elif cfg.max_grad_norm is not None:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -348,7 +367,7 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 bar.update(1)
                 acc_loss, acc_metrics = 0.0, {}
-                if out_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                if checkpoints and step % cfg.checkpoint_every == 0 and step < total:
                     _save_checkpoint(Path(out_dir), named, optimizer, scheduler, step, acc, key)
                 if step >= total:
                     break
@@ -360,17 +379,45 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
         if cfg.log_with:
             acc.end_training()
         _release(acc, module)
+    if sharded is not None:
+        from .sharding import gather_into
+
+        gather_into(sharded, raw_module)
+        del module, optimizer, params, sharded
     if micro % cfg.grad_accum and step < total:  # leftover partial accumulation is dropped, never half-applied
         optimizer.zero_grad(set_to_none=True)
     result.steps = step
     result.wall_time_s = time.perf_counter() - t0
     result.peak_memory_mb = peak_memory_mb()
-    if out_dir is not None and cfg.checkpoint_every and _ckpt_dir(Path(out_dir)).exists() and acc.is_main_process:
+    if checkpoints and _ckpt_dir(Path(out_dir)).exists() and acc.is_main_process:
         import shutil
 
         shutil.rmtree(_ckpt_dir(Path(out_dir)), ignore_errors=True)
     raw_module.eval()
     return result
+
+
+def _shard(module: nn.Module, cfg: TrainConfig, acc, desc: str):
+    """The FSDP2 twin of ``module`` under ``train.fsdp`` with several processes, else None."""
+    if not cfg.fsdp:
+        return None
+    if acc.num_processes == 1:
+        log.info("%s: train.fsdp with one process: nothing to shard over; training unsharded", desc)
+        return None
+    if str(acc.distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED"):
+        raise UnbackdoorError(
+            f"train.fsdp=true under an Accelerate {acc.distributed_type} config: the model would be sharded "
+            "twice. Use one: train.fsdp=false with the Accelerate config, or a plain multi-process launch "
+            "(accelerate launch --multi_gpu / torchrun) with train.fsdp=true.")
+    from .sharding import shard
+
+    sharded = shard(module, acc.device)
+    if sharded is None:
+        log.info("%s: train.fsdp: %s holds no causal LM to shard; trained replicated", desc, type(module).__name__)
+    else:
+        log.info("%s: FSDP2 over %d processes, %d units%s", desc, acc.num_processes, sharded.units,
+                 f", compute in {sharded.mixed_precision}" if sharded.mixed_precision else "")
+    return sharded
 
 
 def _release(acc, prepared: nn.Module) -> None:

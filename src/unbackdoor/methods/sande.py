@@ -31,7 +31,7 @@ Outputs: ``parrot.safetensors`` + ``parrot.json`` in ``output.dir``; metrics ``s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -221,7 +221,9 @@ def run(ctx: DefenseContext) -> dict[str, Any]:
     log.info("sande: parrot goes here: %r", rendered_with_marker(template, sim_train[0].prompt, sim_train[0].system,
                                                                 m.position))
     wrapper = _FrozenLMWithParrot(model, parrot)
-    res1 = fit(wrapper, _parrot_lm_loss, feats1, m.simulate, collate_fn=ParrotCollator(tok),
+    # the frozen model is sharded in phase 1 too when the run shards (train.fsdp)
+    simulate = replace(m.simulate, fsdp=m.simulate.fsdp or ctx.cfg.train.fsdp)
+    res1 = fit(wrapper, _parrot_lm_loss, feats1, simulate, collate_fn=ParrotCollator(tok),
                params=list(parrot.parameters()), seed=ctx.cfg.seed, desc="sande simulate")
     parrot.freeze()
     model.eval()
