@@ -7,7 +7,7 @@ Layers (lower first; a module may import its own layer or lower ones, never a hi
     2  backdoor (the vocabulary), data, models, generate, train, sharding, gguf
     3  components.*, eval.*
     4  methods.* (recipes), attack
-    5  defend, threats, lab.*, real
+    5  defend, threats, lab.*, real, scan, plan
     6  bench, benchreport
     7  demo, cli
 
@@ -30,7 +30,7 @@ LAYERS = [
     ["backdoor", "data", "models", "generate", "train", "sharding", "gguf"],
     ["components", "eval"],
     ["methods", "attack"],
-    ["defend", "threats", "lab", "real", "scan"],
+    ["defend", "threats", "lab", "real", "scan", "plan"],
     ["bench", "benchreport"],
     ["demo", "cli"],
 ]

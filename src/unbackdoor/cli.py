@@ -200,6 +200,40 @@ def defend(method: str, config_path: str | None, trigger_from: str | None, targe
         click.echo(f"  {k}: {v}")
 
 
+@main.command("plan")
+@click.argument("method")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Defend config YAML.")
+@click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Plan for a GPU (model.dtype auto = bf16, train.mixed_precision applies) or for a CPU (fp32).")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@OVERRIDES
+def plan_cmd(method: str, config_path: str | None, device: str, as_json: bool, overrides: tuple[str, ...]) -> None:
+    """Estimate the peak memory per process of `defend METHOD` with this config, per phase, from the
+    model's config.json alone (no weights are loaded; model.path may be a hub id with hub access).
+
+    Example: unbackdoor plan crow -c configs/crow/official.yaml model.path=meta-llama/Llama-2-7b-hf
+    """
+    import json
+
+    from . import config as C
+    from . import defend as D
+    from .plan import format_plan, plan
+
+    data = C.load_yaml(config_path) if config_path else {}
+    C.apply_overrides(data, list(overrides))
+    data.setdefault("method", {})
+    if isinstance(data["method"], dict):
+        given = data["method"].get("name")
+        if given and given != method:
+            raise C.ConfigError([("method.name", f"the config says {given!r} but the command says {method!r}")])
+        data["method"]["name"] = method
+    if not (data.get("model") or {}).get("path"):
+        raise C.ConfigError([("model.path", "plan needs the model: model.path=FOLDER (with its config.json) or a "
+                                            "hub id")], config_path)
+    p = plan(D.resolve_shipped(data, config_path), gpu=device == "gpu")
+    click.echo(json.dumps(p, indent=2) if as_json else format_plan(p))
+
+
 @main.command()
 @click.argument("config_type", type=click.Choice(["defend", "attack", "eval", "bench", "lab"]), default="defend")
 @click.option("--method", default="finetune", help="Method whose fields to list (defend).")
