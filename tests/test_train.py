@@ -125,6 +125,22 @@ def test_fsdp_on_two_cpu_processes_matches_one_with_clipping_and_leaves_a_plain_
         assert l2["weights"][name] == pytest.approx(w, rel=1e-3, abs=1e-5), name
 
 
+def test_optimizer_and_schedule_given_as_plain_strings_are_the_ones_named():
+    """A TrainConfig built in Python with optimizer='sgd' gets SGD (not Adam) and scheduler='linear' a
+    linear schedule."""
+    from unbackdoor.train import make_optimizer, make_scheduler
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    opt = make_optimizer(p, TrainConfig(optimizer="sgd", lr=0.1))
+    assert type(opt) is torch.optim.SGD
+    assert type(make_optimizer(p, TrainConfig(optimizer="adam"))) is torch.optim.Adam
+    sched = make_scheduler(opt, TrainConfig(scheduler="linear", warmup_steps=0), 10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.05)
+
+
 def test_peak_memory_window_resets(tmp_path):
     import os
 

@@ -132,9 +132,10 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
     params = list(params)
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient")
-    if cfg.optimizer is Optimizer.SGD:
+    kind = Optimizer(cfg.optimizer)   # a TrainConfig built in Python may hold the plain string
+    if kind is Optimizer.SGD:
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer is Optimizer.ADAMW else torch.optim.Adam
+    cls = torch.optim.AdamW if kind is Optimizer.ADAMW else torch.optim.Adam
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
@@ -143,7 +144,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(math.ceil(cfg.warmup_ratio * total_steps))
     name = {Scheduler.COSINE: "cosine", Scheduler.LINEAR: "linear",
-            Scheduler.CONSTANT: "constant_with_warmup"}[cfg.scheduler]
+            Scheduler.CONSTANT: "constant_with_warmup"}[Scheduler(cfg.scheduler)]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
