@@ -104,3 +104,16 @@ def test_plan_without_a_model_is_a_clear_error():
     assert r.exit_code == 2 and "model.path" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["plan", "crow", "-c", "configs/crow/official.yaml", "model.path=/nonexistent/x"])
     assert r.exit_code == 2 and "/nonexistent/x" in r.output and "config.json" in r.output
+
+
+def test_fsdp_over_processes_divides_the_trained_phases_and_not_beears_inner_one(lab):
+    bad = str(lab.backdoored("llama", "badnets", "refusal"))
+    one = plan(_cfg("beear", bad, fsdp=True), gpu=False)
+    four = plan(_cfg("beear", bad, fsdp=True), gpu=False, processes=4)
+    assert four["sharding"] == "fsdp2" and one["sharding"] == "replicated"
+    (i1, o1), (i4, o4) = one["phases"], four["phases"]
+    assert i4 == i1                                      # δ against the whole frozen model: not sharded
+    assert o4["optimizer_gib"] == pytest.approx(o1["optimizer_gib"] / 4)
+    assert o4["gradients_gib"] == pytest.approx(o1["gradients_gib"] / 4)
+    assert o1["weights_gib"] / 4 < o4["weights_gib"] < o1["weights_gib"]
+    assert o4["activations_gib"] == o1["activations_gib"]

@@ -205,9 +205,12 @@ def defend(method: str, config_path: str | None, trigger_from: str | None, targe
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Defend config YAML.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="Plan for a GPU (model.dtype auto = bf16, train.mixed_precision applies) or for a CPU (fp32).")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes of the run: with train.fsdp=true the trained phases are sharded over them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @OVERRIDES
-def plan_cmd(method: str, config_path: str | None, device: str, as_json: bool, overrides: tuple[str, ...]) -> None:
+def plan_cmd(method: str, config_path: str | None, device: str, processes: int, as_json: bool,
+             overrides: tuple[str, ...]) -> None:
     """Estimate the peak memory per process of `defend METHOD` with this config, per phase, from the
     model's config.json alone (no weights are loaded; model.path may be a hub id with hub access).
 
@@ -230,7 +233,7 @@ def plan_cmd(method: str, config_path: str | None, device: str, as_json: bool, o
     if not (data.get("model") or {}).get("path"):
         raise C.ConfigError([("model.path", "plan needs the model: model.path=FOLDER (with its config.json) or a "
                                             "hub id")], config_path)
-    p = plan(D.resolve_shipped(data, config_path), gpu=device == "gpu")
+    p = plan(D.resolve_shipped(data, config_path), gpu=device == "gpu", processes=processes)
     click.echo(json.dumps(p, indent=2) if as_json else format_plan(p))
 
 

@@ -21,8 +21,9 @@ The estimate is built from the model's own ``config.json`` and the defend config
 - **transient**: backward's working set at its start — two tensors the size of the largest saved one (the
   gradients of the log-softmax's output and input: the logits).
 
-It is a per-process estimate for replicated training (DDP; with ``train.fsdp`` weights, gradients and
-optimizer state divide by the processes). It does not count the CUDA context, the allocator's fragmentation,
+It is a per-process estimate: replicated training (DDP) by default; with ``train.fsdp`` and ``--processes N``
+the weights, gradients and optimizer state of the phases that train the model divide by N, plus two decoder
+layers gathered whole at a time. It does not count the CUDA context, the allocator's fragmentation,
 evaluation or generation. ``benchmarks/plan_vs_measured.py`` compares it with measured peaks.
 """
 from __future__ import annotations
@@ -230,8 +231,20 @@ def _dtypes(cfg, config, gpu: bool) -> tuple[torch.dtype, torch.dtype]:
     return load, compute
 
 
-def plan(cfg, *, gpu: bool = True) -> dict[str, Any]:
-    """Per-phase peak-memory estimates of the defense ``cfg`` (a resolved DefendConfig) on one process."""
+def _sharded(ph: PhaseEstimate, processes: int, unit_gib: float) -> PhaseEstimate:
+    """The phase under ``train.fsdp`` over ``processes``: weights, gradients and optimizer state divided,
+    plus two units gathered whole at a time (the one computed and the one prefetched)."""
+    w, g, o = (x / processes for x in (ph.weights_gib, ph.gradients_gib, ph.optimizer_gib))
+    w += 2 * unit_gib
+    total = w + g + o + ph.activations_gib + ph.transient_gib
+    return PhaseEstimate(**{**asdict(ph), "weights_gib": w, "gradients_gib": g, "optimizer_gib": o,
+                            "total_gib": total})
+
+
+def plan(cfg, *, gpu: bool = True, processes: int = 1) -> dict[str, Any]:
+    """Per-phase peak-memory estimates of the defense ``cfg`` (a resolved DefendConfig) on one process of
+    ``processes`` (which matters under ``train.fsdp``: the phases that train the model are sharded; BEEAR's
+    inner phase trains δ against the whole frozen model and is not)."""
     from .methods.beear import resolve_anchor
 
     config = load_config_json(cfg.model.path)
@@ -266,19 +279,27 @@ def plan(cfg, *, gpu: bool = True) -> dict[str, Any]:
     else:
         raise PlanError(f"plan: {method} trains nothing (or is not a training method); its peak is the model's "
                         "weights and one evaluation batch")
+    if t.fsdp and processes > 1:
+        from .arch import anatomy
+
+        layer = list(anatomy(meta_model(config, load)).layers)[0]
+        unit = sum(p.numel() for p in layer.parameters()) * (torch.finfo(load).bits // 8) / GiB
+        phases = [ph if ph.phase == "inner" else _sharded(ph, processes, unit) for ph in phases]
     peak = max(phases, key=lambda p: p.total_gib)
     n_params = sum(p.numel() for p in meta_model(config, load).parameters())
     return {"model": cfg.model.path, "model_type": getattr(config, "model_type", "?"), "parameters": n_params,
             "method": method, "device": "gpu" if gpu else "cpu", "load_dtype": str(load).removeprefix("torch."),
             "compute_dtype": str(compute).removeprefix("torch."),
-            "gradient_checkpointing": t.gradient_checkpointing, "phases": [asdict(p) for p in phases],
+            "gradient_checkpointing": t.gradient_checkpointing,
+            "processes": processes, "sharding": "fsdp2" if t.fsdp and processes > 1 else "replicated",
+            "phases": [asdict(p) for p in phases],
             "peak_phase": peak.phase, "peak_gib": peak.total_gib}
 
 
 def format_plan(p: dict[str, Any]) -> str:
     lines = [f"{p['model']} ({p['model_type']}, {p['parameters'] / 1e9:.2f}B parameters), {p['method']} on a "
              f"{p['device']}: load {p['load_dtype']}, compute {p['compute_dtype']}, gradient checkpointing "
-             f"{'on' if p['gradient_checkpointing'] else 'off'}",
+             f"{'on' if p['gradient_checkpointing'] else 'off'}; {p['processes']} process(es), {p['sharding']}",
              "| phase | trains | batch x tokens | forwards | weights | grads | optimizer | activations | transient "
              "| total |", "|---|---|---|---|---|---|---|---|---|---|"]
     for ph in p["phases"]:
