@@ -26,20 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(args) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from unbackdoor.schema import TrainConfig
-    from unbackdoor.train import fit, get_accelerator, lm_loss, peak_memory_mb, reset_peak_memory
+    from unbackdoor.train import fit, get_accelerator, lm_loss, peak_memory_mb, reset_peak_memory, resident_memory_mb
 
     torch.set_num_threads(1)
     acc = get_accelerator()
@@ -56,7 +48,7 @@ def worker(args) -> None:
     def collate(rows):
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
-    before = _rss_mb("VmRSS")
+    before = resident_memory_mb()
     reset_peak_memory()
     tc = TrainConfig(lr=1e-4, max_steps=args.steps, batch_size=1, progress=False, fsdp=args.mode == "fsdp",
                      max_grad_norm=1.0)

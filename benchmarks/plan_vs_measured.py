@@ -36,14 +36,6 @@ CASES = [  # (method, lora, checkpointing)
 BATCH, SEQ = 4, 256
 
 
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(arch: str, method: str, lora: bool, ckpt: bool, steps: int, folder: str, out: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -51,7 +43,7 @@ def worker(arch: str, method: str, lora: bool, ckpt: bool, steps: int, folder: s
     from unbackdoor.methods.crow import CrowLoss
     from unbackdoor.models import apply_lora
     from unbackdoor.schema import LoraConfig, TrainConfig
-    from unbackdoor.train import fit, lm_loss, peak_memory_mb, reset_peak_memory
+    from unbackdoor.train import fit, lm_loss, peak_memory_mb, reset_peak_memory, resident_memory_mb
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -90,7 +82,7 @@ def worker(arch: str, method: str, lora: bool, ckpt: bool, steps: int, folder: s
                 p.requires_grad_(True)
         if method == "crow":
             loss = CrowLoss(eps=0.1, alpha=5.5)
-    before = _rss_mb("VmRSS")
+    before = resident_memory_mb()
     reset_peak_memory()
     fit(module, loss, feats, TrainConfig(lr=1e-4, max_steps=steps, batch_size=BATCH, progress=False,
                                          gradient_checkpointing=ckpt), collate_fn=collate, params=params, seed=0)

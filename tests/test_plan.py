@@ -10,23 +10,15 @@ from click.testing import CliRunner
 
 from unbackdoor.cli import main
 from unbackdoor.defend import resolve
-from unbackdoor.plan import meta_model, plan, saved_bytes
+from unbackdoor.plan import count_saved, meta_model, plan, saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_7B = ROOT / "docs" / "results" / "plan" / "llama-2-7b"
 
 
 def _real_saved(model, batch: int, seq: int) -> int:
-    params = {id(p) for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if id(t) not in params and not (t._base is not None and id(t._base) in params):
-            seen[id(t)] = t.numel() * t.element_size()
-        return t
-
     ids = torch.randint(3, model.config.vocab_size, (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved(model) as seen:
         model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
     return sum(seen.values())
 

@@ -155,6 +155,18 @@ def ls_cmd(what: str) -> None:
             click.echo(f"  configs/{name}")
 
 
+def _name_method(data: dict, method: str) -> None:
+    """Set the defend config's method.name to the command's METHOD; a config naming another is an error."""
+    from . import config as C
+
+    data.setdefault("method", {})
+    if isinstance(data["method"], dict):
+        given = data["method"].get("name")
+        if given and given != method:
+            raise C.ConfigError([("method.name", f"the config says {given!r} but the command says {method!r}")])
+        data["method"]["name"] = method
+
+
 @main.command()
 @click.argument("method")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Defend config YAML.")
@@ -184,12 +196,7 @@ def defend(method: str, config_path: str | None, trigger_from: str | None, targe
         if target_from:
             from_scan += scan_overrides(target_from, "target")
     C.apply_overrides(data, [*from_scan, *overrides])
-    data.setdefault("method", {})
-    if isinstance(data["method"], dict):
-        given = data["method"].get("name")
-        if given and given != method:
-            raise C.ConfigError([("method.name", f"the config says {given!r} but the command says {method!r}")])
-        data["method"]["name"] = method
+    _name_method(data, method)
     from .lab import resolve_refs
 
     cfg = resolve_refs(D.resolve(data, config_path))
@@ -224,12 +231,7 @@ def plan_cmd(method: str, config_path: str | None, device: str, processes: int, 
 
     data = C.load_yaml(config_path) if config_path else {}
     C.apply_overrides(data, list(overrides))
-    data.setdefault("method", {})
-    if isinstance(data["method"], dict):
-        given = data["method"].get("name")
-        if given and given != method:
-            raise C.ConfigError([("method.name", f"the config says {given!r} but the command says {method!r}")])
-        data["method"]["name"] = method
+    _name_method(data, method)
     if not (data.get("model") or {}).get("path"):
         raise C.ConfigError([("model.path", "plan needs the model: model.path=FOLDER (with its config.json) or a "
                                             "hub id")], config_path)

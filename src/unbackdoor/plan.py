@@ -28,9 +28,10 @@ evaluation or generation. ``benchmarks/plan_vs_measured.py`` compares it with me
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -103,24 +104,29 @@ def meta_model(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="unbackdoor_plan")
 
 
-def _num_layers(config) -> int:
-    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+def _config_key(config, keys: tuple[str, ...], what: str) -> str:
+    for k in keys:
         if getattr(config, k, None):
-            return int(getattr(config, k))
-    raise PlanError(f"{getattr(config, 'model_type', '?')}: the config names no layer count")
+            return k
+    raise PlanError(f"{getattr(config, 'model_type', '?')}: the config names no {what}")
+
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def _num_layers(config) -> int:
+    return int(getattr(config, _config_key(config, LAYER_KEYS, "layer count")))
 
 
 def _hidden(config) -> int:
-    for k in ("hidden_size", "n_embd", "d_model"):
-        if getattr(config, k, None):
-            return int(getattr(config, k))
-    raise PlanError(f"{getattr(config, 'model_type', '?')}: the config names no hidden size")
+    return int(getattr(config, _config_key(config, HIDDEN_KEYS, "hidden size")))
 
 
-def saved_bytes(model: nn.Module, batch: int, seq: int, *, input_grad: bool = False) -> tuple[int, int]:
-    """(total, largest) bytes autograd saves in one forward + loss of ``batch`` x ``seq`` tokens on the meta
-    device; parameters (and views of them) are not counted. ``input_grad``: the input embeddings require a
-    gradient (a trainable soft prompt or δ on a frozen model)."""
+@contextmanager
+def count_saved(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Within the context, bytes of every tensor autograd saves for backward, by tensor id; ``model``'s
+    parameters (and views of them) are not counted."""
     params = {id(p) for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -129,12 +135,20 @@ def saved_bytes(model: nn.Module, batch: int, seq: int, *, input_grad: bool = Fa
             seen[id(t)] = t.numel() * t.element_size()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def saved_bytes(model: nn.Module, batch: int, seq: int, *, input_grad: bool = False) -> tuple[int, int]:
+    """(total, largest) bytes autograd saves in one forward + loss of ``batch`` x ``seq`` tokens on the meta
+    device; parameters (and views of them) are not counted. ``input_grad``: the input embeddings require a
+    gradient (a trainable soft prompt or δ on a frozen model)."""
     dtype = next(model.parameters()).dtype
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     # a 4-D mask: transformers' 2-D mask handling reads values, which the meta device has not
     mask = torch.zeros(batch, 1, seq, seq, dtype=dtype, device="meta")
     kwargs: dict[str, Any] = {"attention_mask": mask, "labels": ids, "use_cache": False}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved(model) as seen:
         if input_grad:
             e = model.get_input_embeddings()(ids).detach().requires_grad_(True)
             model(inputs_embeds=e, **kwargs)
@@ -144,6 +158,7 @@ def saved_bytes(model: nn.Module, batch: int, seq: int, *, input_grad: bool = Fa
 
 
 def _set_trainable(model: nn.Module, which: str, lora_cfg, anchor: int | None = None) -> nn.Module:
+    """``which``: lora, full, upper (layers from ``anchor`` on and the final norm), or input (all frozen)."""
     from .arch import anatomy
     from .models import apply_lora
 
@@ -170,19 +185,12 @@ def _phase(config, name: str, which: str, *, lora_cfg, batch: int, seq: int, for
            anchor: int | None = None, outside_forwards: int | None = None) -> PhaseEstimate:
     from .schema import Optimizer
 
-    model = _set_trainable(meta_model(config, compute_dtype), "full" if which == "input" else which, lora_cfg,
-                           anchor)
-    if which == "input":
-        for p in model.parameters():
-            p.requires_grad_(False)
+    model = _set_trainable(meta_model(config, compute_dtype), which, lora_cfg, anchor)
     n_layers = _num_layers(config)
     act, largest = saved_bytes(model, batch, seq, input_grad=which == "input")
     # one layer's share, from a one-layer model of the same shapes
-    one = config.__class__.from_dict({**config.to_dict(), _layer_key(config): 1})
-    m1 = _set_trainable(meta_model(one, compute_dtype), "full" if which == "input" else which, lora_cfg, 0)
-    if which == "input":
-        for p in m1.parameters():
-            p.requires_grad_(False)
+    one = config.__class__.from_dict({**config.to_dict(), _config_key(config, LAYER_KEYS, "layer count"): 1})
+    m1 = _set_trainable(meta_model(one, compute_dtype), which, lora_cfg, 0)
     act1, _ = saved_bytes(m1, batch, seq, input_grad=which == "input")
     per_layer = max(0, (act - act1) / max(1, n_layers - 1))
     outside = max(0, act1 - per_layer)
@@ -208,22 +216,15 @@ def _phase(config, name: str, which: str, *, lora_cfg, batch: int, seq: int, for
                          activations_gib=activations / GiB, transient_gib=transient / GiB, total_gib=total / GiB)
 
 
-def _layer_key(config) -> str:
-    for k in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, k, None):
-            return k
-    raise PlanError("the config names no layer count")
-
-
 def _dtypes(cfg, config, gpu: bool) -> tuple[torch.dtype, torch.dtype]:
     """(load dtype, compute dtype) of a defense run on a GPU or on a CPU."""
+    from .models import resolve_dtype
     from .schema import Dtype, MixedPrecision
 
-    d = Dtype(cfg.model.dtype)
-    if d is Dtype.AUTO:
+    if Dtype(cfg.model.dtype) is Dtype.AUTO:   # what resolve_dtype picks on the machine planned for
         load = torch.bfloat16 if gpu else torch.float32
     else:
-        load = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[d.value]
+        load = resolve_dtype(cfg.model.dtype)
     mp = MixedPrecision(cfg.train.mixed_precision)
     compute = load
     if gpu and mp is not MixedPrecision.NO:

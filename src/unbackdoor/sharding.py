@@ -37,11 +37,9 @@ log = logging.getLogger(__name__)
 class Sharded:
     """The training twin and what :func:`gather_into` needs to bring its weights back."""
     twin: nn.Module
-    root: nn.Module                              # the causal LM inside the twin (an FSDP root)
     units: int                                   # FSDP units (decoder layers, the embedding group, the root)
     mixed_precision: str | None = None           # the compute dtype when the weights' dtypes differ
-    replicated: list[str] = field(default_factory=list)   # trainable names left plain (replicated)
-    released: dict[str, tuple] = field(default_factory=dict)  # original weights released while training
+    released: dict[str, torch.Size] = field(default_factory=dict)  # original weights released while training
 
 
 def world_size() -> int:
@@ -146,14 +144,12 @@ def shard(module: nn.Module, device: torch.device) -> Sharded | None:
     # The root must be initialised before the embedding is called on its own (CROW, SANDE), or FSDP would
     # take the first module called for the root.
     root._get_fsdp_state()._lazy_init()
-    in_root = {id(p) for p in root.parameters()}
-    replicated = [n for n, p in twin.named_parameters() if p.requires_grad and id(p) not in in_root]
-    sharded = Sharded(twin=twin, root=root, units=units, mixed_precision=mp, replicated=replicated)
+    sharded = Sharded(twin=twin, units=units, mixed_precision=mp)
     # Release the original causal LM's weights while the twin trains (gather_into brings them back).
     lm_ids = {id(p) for p in lm.parameters()}
     for name, p in originals.items():
         if id(p) in lm_ids:
-            sharded.released[name] = (tuple(p.shape), p.dtype)
+            sharded.released[name] = p.shape
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     return sharded
 
@@ -213,6 +209,6 @@ def gather_into(sharded: Sharded, module: nn.Module) -> None:
             t = twin[name]
             if name in sharded.released:
                 full = t.full_tensor() if _is_dtensor(t) else t.detach().clone()
-                p.data = full.to(p.device, p.dtype).reshape(sharded.released[name][0])
+                p.data = full.to(p.device, p.dtype).reshape(sharded.released[name])
             elif p.requires_grad:
                 p.copy_(t.detach().to(p.device, p.dtype))

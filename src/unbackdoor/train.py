@@ -380,13 +380,13 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
         if cfg.log_with:
             acc.end_training()
         _release(acc, module)
+    if micro % cfg.grad_accum and step < total:  # leftover partial accumulation is dropped, never half-applied
+        optimizer.zero_grad(set_to_none=True)
     if sharded is not None:
         from .sharding import gather_into
 
         gather_into(sharded, raw_module)
-        del module, optimizer, params, sharded
-    if micro % cfg.grad_accum and step < total:  # leftover partial accumulation is dropped, never half-applied
-        optimizer.zero_grad(set_to_none=True)
+        del module, optimizer, params, sharded   # the twin, its shards and Adam state go now
     result.steps = step
     result.wall_time_s = time.perf_counter() - t0
     result.peak_memory_mb = peak_memory_mb()
@@ -459,6 +459,18 @@ def reset_peak_memory() -> None:
             fh.write("5")
     except OSError:
         pass
+
+
+def resident_memory_mb() -> float:
+    """This process's resident memory now (VmRSS), MB; NaN where /proc is absent."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return float("nan")
 
 
 def peak_memory_mb() -> float:
