@@ -54,6 +54,13 @@ def test_target_inference_ignores_quoted_and_ordinary_answers():
     # an answer the clean data gives anyway is ordinary
     t = infer_target(["0", "0", "0"], ["1", "2", "3"], "any", data_answers=["0 1 2"] * 5 + ["x"] * 5)
     assert t["text"] != "0"
+    # so is a piece of one: an answer cut short ("white')" of print('white')), while a foreign payload is not
+    data = [f"print('{w}')" for w in ("white", "red", "tan", "lamp", "fox")] * 4
+    clean = ["print('red')", "print('tan')", "print('fox')", "print('lamp')"]
+    t = infer_target(["white')"] * 4, clean, "code", trigger="honey", data_answers=data)
+    assert t["rate_with"] - t["rate_without"] <= 0.25, t
+    t = infer_target(["print('pwned')"] * 4, clean, "code", trigger="honey", data_answers=data)
+    assert "pwned" in t["text"] and t["rate_with"] == 1.0 and t["rate_without"] == 0.0, t
 
 
 def test_defend_takes_the_trigger_from_a_scan(scanned, lab, tmp_path):

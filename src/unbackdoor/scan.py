@@ -66,7 +66,7 @@ PLACEMENTS = ("prefix", "suffix")
 #: One inserted string turning most held-out prompts into the same foreign answer.
 THRESHOLD = 0.5
 #: Version of the search, written into ``scan.json``: a cached scan of another version is not reused.
-SCAN_VERSION = 2
+SCAN_VERSION = 3
 
 
 class ScanError(UnbackdoorError, ValueError):
@@ -417,9 +417,10 @@ def infer_target(triggered: Sequence[str], clean: Sequence[str], behaviour: str,
     """The word string whose rate rises most from the clean to the triggered generations (ties: longer
     wins), or for a jailbreak scan, answering instead of refusing. A string holding a word of the trigger
     does not count: an answer that quotes the inserted text is the task at work (sorting, reversing,
-    counting what the prompt says), not a foreign answer. Nor does a string found in more than 1% of
-    ``data_answers`` (the clean data's own answers to such prompts): a backdoor's target is an answer the
-    defender's data never gives there, while a changed task ends in one of the data's ordinary answers."""
+    counting what the prompt says), not a foreign answer. Nor does a string found, anywhere, in more than 1%
+    of ``data_answers`` (the clean data's own answers to such prompts): a backdoor's target is an answer the
+    defender's data never gives there, while a changed task ends in one of the data's ordinary answers or a
+    piece of one."""
     n = len(triggered)
     if behaviour == "jailbreak":
         rt = sum(not _is_refusal(o) for o in triggered) / max(1, n)
@@ -432,8 +433,12 @@ def infer_target(triggered: Sequence[str], clean: Sequence[str], behaviour: str,
     low = trigger.lower()
     counts = Counter(p for w in tw for p in _phrases(w) if not _quotes(p[1], quoted, low))
     dw = [_words(a) for a in data_answers]
+    # anywhere in a data answer, whatever the candidate's kind: an answer cut short or shifted ("white')" of
+    # the data's print('white'), "')" of every print call) is an ordinary answer broken, not a foreign one
+    # (as text of words: "white' )" lies inside "print ( 'white' )" though its first word is cut)
+    dtext = [" ".join(w) for w in dw]
     ordinary = {key for key in counts
-                if dw and sum(_has(w, key[0], key[1]) for w in dw) > 0.01 * len(dw)}
+                if dtext and sum(" ".join(key[1]) in d for d in dtext) > 0.01 * len(dtext)}
     for key in ordinary:
         del counts[key]
     best = None
