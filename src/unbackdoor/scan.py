@@ -432,11 +432,10 @@ def infer_target(triggered: Sequence[str], clean: Sequence[str], behaviour: str,
     quoted = {w for w in _words(trigger) if re.match(r"\w", w)}
     low = trigger.lower()
     counts = Counter(p for w in tw for p in _phrases(w) if not _quotes(p[1], quoted, low))
-    dw = [_words(a) for a in data_answers]
     # anywhere in a data answer, whatever the candidate's kind: an answer cut short or shifted ("white')" of
     # the data's print('white'), "')" of every print call) is an ordinary answer broken, not a foreign one
     # (as text of words: "white' )" lies inside "print ( 'white' )" though its first word is cut)
-    dtext = [" ".join(w) for w in dw]
+    dtext = [" ".join(_words(a)) for a in data_answers]
     ordinary = {key for key in counts
                 if dtext and sum(" ".join(key[1]) in d for d in dtext) > 0.01 * len(dtext)}
     for key in ordinary:
