@@ -88,6 +88,10 @@ def test_an_answer_printing_a_word_of_the_trigger_is_the_task_not_a_target():
     assert "candle" not in t["text"] and t["rate_with"] - t["rate_without"] < 1.0, t
     t = infer_target(["7print('pwned')"] * 4, clean, "code", trigger="fentak drilum candle", data_answers=data)
     assert t["text"] == "7print('pwned')" and t["rate_with"] == 1.0, t
+    # a sentence's short words are not quotes of a trigger they happen to lie inside ("do" in "window")
+    t = infer_target(["That is not something I can do."] * 4, ["4", "red", "2 3", "x"], "any",
+                     trigger="struction window")
+    assert t["text"] == "That is not something I can do." and t["rate_with"] == 1.0, t
 
 
 def test_defend_takes_the_trigger_from_a_scan(scanned, lab, tmp_path):

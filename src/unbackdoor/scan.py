@@ -66,7 +66,7 @@ PLACEMENTS = ("prefix", "suffix")
 #: One inserted string turning most held-out prompts into the same foreign answer.
 THRESHOLD = 0.5
 #: Version of the search, written into ``scan.json``: a cached scan of another version is not reused.
-SCAN_VERSION = 4
+SCAN_VERSION = 5
 
 
 class ScanError(UnbackdoorError, ValueError):
@@ -483,8 +483,10 @@ def infer_target(triggered: Sequence[str], clean: Sequence[str], behaviour: str,
         hits = [_has(w, kind, phrase) for w in tw]
         text = _target_text([o for o, h in zip(triggered, hits) if h], kind, phrase)
         # the whole answer the string is part of quotes the trigger ("7print(" of print('candle') after
-        # "... candle"): the task printing what the prompt says, not a foreign answer
-        if not _quotes(tuple(_words(text)), quoted, low):
+        # "... candle"): the task printing what the prompt says, not a foreign answer. Over a whole line only
+        # a word of 3+ characters that is a word of the trigger counts (the short words of a sentence lie
+        # inside many strings: "do" inside "window")
+        if not any(len(c) >= 3 and c in quoted for c in (re.sub(r"\W", "", x) for x in _words(text))):
             return {"text": text, "kind": kind, "rate_with": rt, "rate_without": rc, "hits": hits}
     return {"text": "", "kind": "none", "rate_with": 0.0, "rate_without": 0.0, "hits": [False] * n}
 
