@@ -7,7 +7,16 @@ import pytest
 from click.testing import CliRunner
 
 from unbackdoor.cli import main
-from unbackdoor.scan import ScanError, ScanSettings, infer_target, read_scan, scan, scan_overrides, settings_for
+from unbackdoor.scan import (
+    ScanError,
+    ScanSettings,
+    infer_target,
+    read_scan,
+    removal_triggers,
+    scan,
+    scan_overrides,
+    settings_for,
+)
 
 FAST = ScanSettings(n_probe=6, n_verify=24, max_trigger_tokens=2, verify_top=3, extend_with=16)
 
@@ -94,6 +103,30 @@ def test_an_answer_printing_a_word_of_the_trigger_is_the_task_not_a_target():
     assert t["text"] == "That is not something I can do." and t["rate_with"] == 1.0, t
 
 
+def test_removal_takes_the_strong_runners_up_of_the_top_trigger():
+    from unbackdoor.data import Example
+    from unbackdoor.methods.osft import Config, triggered_examples
+    from unbackdoor.triggers import TriggerSpec
+
+    def t(text, placement, evidence, explained=False):
+        return {"text": text, "placement": placement, "evidence": evidence, "explained_by_clean_data": explained}
+
+    data = {"triggers": [t("cf mn", "prefix", 0.9), t(" cf  mn", "prefix", 0.9), t("mn", "suffix", 0.6),
+                         t("help", "prefix", 0.95, explained=True), t("zz", "prefix", 0.46), t("zq", "suffix", 0.44)]}
+    got = [(c["text"], c["placement"]) for c in removal_triggers(data)]
+    # the same string twice counts once, a string the clean data explains never, and a half-as-strong one ends it
+    assert got == [("cf mn", "prefix"), ("mn", "suffix"), ("zz", "prefix")], got
+    assert [c["text"] for c in removal_triggers(data, k=2)] == ["cf mn", "mn"]
+    assert [c["text"] for c in removal_triggers({"triggers": [t("a", "prefix", 0.0), t("b", "prefix", 0.0)]})] == ["a"]
+    # OSFT draws one of the triggers per example, each at its own placement
+    cfg = Config(trigger=TriggerSpec(texts=["AA"]), more_triggers=[TriggerSpec(texts=["BB"], placement="suffix")])
+    assert not cfg.validate()
+    outs = [e.prompt for e in triggered_examples([Example(prompt="x y", response="r")] * 40, cfg.triggers())]
+    assert set(outs) == {"AA x y", "x y BB"}, set(outs)
+    bad = Config(trigger=TriggerSpec(texts=["AA"]), more_triggers=[TriggerSpec(texts=[" "])])
+    assert bad.validate()[0][0] == "more_triggers[0].texts[0]"
+
+
 def test_defend_takes_the_trigger_from_a_scan(scanned, lab, tmp_path):
     bad, out, r = scanned
     ov = scan_overrides(out, "trigger")
@@ -105,6 +138,12 @@ def test_defend_takes_the_trigger_from_a_scan(scanned, lab, tmp_path):
     assert res.exit_code == 0, res.output
     cfg = (tmp_path / "osft" / "config.yaml").read_text()
     assert r["triggers"][0]["text"] in cfg
+    more = json.loads(ov[-1].split("=", 1)[1])
+    assert [m["texts"][0] for m in more] == [c["text"] for c in removal_triggers(read_scan(out))[1:]]
+    import yaml
+
+    saved = yaml.safe_load(cfg)["method"]
+    assert [m["texts"] for m in saved["more_triggers"]] == [m["texts"] for m in more], (saved, more)
 
 
 def test_bad_scan_inputs_get_clear_errors(tmp_path, lab):

@@ -878,23 +878,50 @@ def read_scan(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def scan_overrides(path: str | Path, want: str) -> list[str]:
-    """Defend overrides from a scan: ``want='trigger'`` gives OSFT the top recovered trigger, ``'target'``
-    gives SANDE the top recovered target text."""
-    data = read_scan(path)
+#: Recovered triggers OSFT overwrites at most (``scan_overrides``): the top one and up to 3 more.
+OSFT_TRIGGERS = 4
+
+
+def removal_triggers(data: dict[str, Any], k: int = OSFT_TRIGGERS) -> list[dict]:
+    """The recovered triggers to overwrite: the top one, and the next distinct ones whose evidence is at least
+    half the top's (up to ``k`` in all). Many strings open one backdoor (the lab's scans verify a dozen toward the
+    same target); a removal that overwrites one of them leaves the others, and the true trigger, partly open."""
     ranked = [t for t in data["triggers"] if not t.get("explained_by_clean_data")]
     if not ranked:
+        return []
+    top, out, seen = ranked[0], [], set()
+    for t in ranked:
+        key = (_clean(t["text"]), t["placement"])
+        if key in seen or not _clean(t["text"]):
+            continue
+        if out and not (top.get("evidence", 0) > 0 and t.get("evidence", 0) >= 0.5 * top["evidence"]):
+            break   # ranked by evidence: the rest are weaker still
+        seen.add(key)
+        out.append(t)
+        if len(out) >= k:
+            break
+    return out
+
+
+def scan_overrides(path: str | Path, want: str, k: int = OSFT_TRIGGERS) -> list[str]:
+    """Defend overrides from a scan: ``want='trigger'`` gives OSFT the top recovered trigger (and, as
+    ``method.more_triggers``, the strong runners-up of :func:`removal_triggers`), ``'target'`` gives SANDE the top
+    recovered target text."""
+    data = read_scan(path)
+    chosen = removal_triggers(data, k)
+    if not chosen:
         raise ScanError(f"{path}: the scan recovered no trigger to remove")
-    top = ranked[0]
+    top = chosen[0]
     if want == "trigger":
+        more = [{"texts": [t["text"]], "placement": t["placement"], "mode": "all"} for t in chosen[1:]]
         return [f"method.trigger.texts={json.dumps([top['text']])}", f"method.trigger.placement={top['placement']}",
-                "method.trigger.mode=all"]
+                "method.trigger.mode=all", f"method.more_triggers={json.dumps(more)}"]
     if not top.get("target") or top.get("target_kind") == "compliance":
         raise ScanError(f"{path}: the top candidate has no fixed target text (a jailbreak's answers differ per "
                         "prompt); SANDE needs one")
     return [f"method.target={json.dumps(top['target'])}"]
 
 
-__all__ = ["ANY_POOLS", "BEHAVIOURS", "BUDGETS", "ScanError", "ScanSettings", "THRESHOLD", "infer_target",
-           "pools_of", "read_scan", "report_markdown", "scan", "scan_model", "scan_overrides", "settings_for",
-           "settings_match", "settings_record", "split_prompts", "SCAN_VERSION"]
+__all__ = ["ANY_POOLS", "BEHAVIOURS", "BUDGETS", "OSFT_TRIGGERS", "ScanError", "ScanSettings", "THRESHOLD",
+           "infer_target", "pools_of", "read_scan", "removal_triggers", "report_markdown", "scan", "scan_model",
+           "scan_overrides", "settings_for", "settings_match", "settings_record", "split_prompts", "SCAN_VERSION"]

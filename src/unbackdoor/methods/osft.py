@@ -11,6 +11,9 @@ Config fields → paper symbols:
   suffix / random / wrap), as the attack placed it. For several known triggers, ``mode: one`` draws one per
   example (multi-trigger backdoor), ``mode: all`` inserts every one (composite trigger). The trigger comes
   from this config only — never from an attack manifest.
+- ``more_triggers``: further triggers, each training example drawing one of ``trigger`` and these (ours).
+  ``--trigger-from`` fills them with a scan's other strong recovered strings: a recovered string is one of
+  many that open the backdoor, and overwriting several covers more of what the true trigger opens.
 - ``clean_replay``: also train on the clean twin (x → y) in the same batch (the spec's optional replay;
   the batch then holds 2 × ``train.batch_size`` sequences).
 - ``k_overwrite``: response tokens carrying the loss (null = the whole response, as in the paper's OSFT).
@@ -40,6 +43,9 @@ SUMMARY = "overwrite fine-tuning: the prompt with the known trigger -> the refer
 @dataclass
 class Config:
     trigger: TriggerSpec = field(default_factory=TriggerSpec)
+    more_triggers: list[TriggerSpec] = help_field(
+        [], "Further triggers (ours): each training example draws one of `trigger` and these, seeded. "
+        "`--trigger-from` puts a scan's other strong recovered strings here (docs/scan.md).")
     clean_replay: bool = help_field(
         True, "Also train on each example's clean twin (x -> y) in the same batch, anchoring what the model does "
         "without the trigger (its refusals included) "
@@ -51,14 +57,23 @@ class Config:
         out = []
         if self.k_overwrite is not None and self.k_overwrite < 1:
             out.append(("k_overwrite", f"must be >= 1 or null, got {self.k_overwrite}"))
+        for i, t in enumerate(self.more_triggers):
+            out += [(f"more_triggers[{i}].{k}", m) for k, m in t.validate()]
         return out
 
+    def triggers(self) -> list[TriggerSpec]:
+        return [self.trigger, *self.more_triggers]
 
-def triggered_examples(examples: Sequence[Example], spec: TriggerSpec, seed: int = 0) -> list[Example]:
-    """Each example with the trigger(s) inserted into its user message (seeded placement / choice)."""
+
+def triggered_examples(examples: Sequence[Example], spec: TriggerSpec | Sequence[TriggerSpec],
+                       seed: int = 0) -> list[Example]:
+    """Each example with the trigger(s) inserted into its user message (seeded placement / choice); given several
+    specs, each example draws one of them."""
     rng = random.Random(seed)
-    return [Example(prompt=apply(e.prompt, spec, rng), response=e.response, system=e.system,
-                    meta={**e.meta, "osft_trigger": True}) for e in examples]
+    specs = [spec] if isinstance(spec, TriggerSpec) else list(spec)
+    return [Example(prompt=apply(e.prompt, specs[0] if len(specs) == 1 else rng.choice(specs), rng),
+                    response=e.response, system=e.system, meta={**e.meta, "osft_trigger": True})
+            for e in examples]
 
 
 class PairCollator:
@@ -75,7 +90,7 @@ class PairCollator:
 def build_dataset(template, examples: Sequence[Example], cfg: Config, *, max_length: int = 512,
                   seed: int = 0) -> list:
     """Encoded training items: (x ⊕ t → y), or [(x ⊕ t → y), (x → y)] pairs with clean replay."""
-    trig = triggered_examples(examples, cfg.trigger, seed)
+    trig = triggered_examples(examples, cfg.triggers(), seed)
 
     def enc(e: Example) -> dict:
         f = encode(template, e.prompt, e.response, system=e.system, max_length=max_length)
@@ -90,13 +105,16 @@ def build_dataset(template, examples: Sequence[Example], cfg: Config, *, max_len
 def run(ctx: DefenseContext) -> dict[str, Any]:
     m: Config = ctx.method
     ctx.need_examples("the defender's clean data")
-    check_tokenizes(ctx.tokenizer, m.trigger)
+    for spec in m.triggers():
+        check_tokenizes(ctx.tokenizer, spec)
     items = build_dataset(ctx.template, ctx.examples, m, max_length=ctx.cfg.data.max_length, seed=ctx.cfg.seed)
-    first = triggered_examples(ctx.examples[:1], m.trigger, ctx.cfg.seed)[0]
-    log.info("osft: trigger %s; first training prompt: %r", m.trigger.describe(), first.prompt)
+    first = triggered_examples(ctx.examples[:1], m.triggers(), ctx.cfg.seed)[0]
+    log.info("osft: trigger %s; first training prompt: %r", " or ".join(t.describe() for t in m.triggers()),
+             first.prompt)
     model = ctx.make_trainable()
     res = fit(model, lm_loss, items, ctx.cfg.train, collate_fn=PairCollator(ctx.tokenizer), seed=ctx.cfg.seed,
               out_dir=ctx.out_dir, desc="osft")
     return {"steps": res.steps, "final_loss": res.losses[-1], "train_wall_time_s": round(res.wall_time_s, 3),
-            "trigger": m.trigger.describe(), "clean_replay": m.clean_replay,
+            "trigger": m.trigger.describe(), "more_triggers": [t.describe() for t in m.more_triggers],
+            "clean_replay": m.clean_replay,
             "n_sequences": sum(len(i) if isinstance(i, list) else 1 for i in items)}
