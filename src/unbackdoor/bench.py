@@ -517,8 +517,9 @@ def _run_defense(cell: Cell, spec: DefenseSpec, cfg: BenchConfig, out: Path, lab
 def scan_of(model_dir: Path, lab, scans: Path, settings: "ScanSettings") -> dict[str, Any]:
     """``unbackdoor scan`` of a grid's model with the defender's clean data, run once per model and cached
     under ``<scans>/<model>/`` (again when the settings change); returns its path and the row fields it adds:
-    the score, whether it flagged the model, the trigger and target it hands the defense, its wall time."""
-    from .scan import read_scan, scan, settings_match
+    the score, whether it flagged the model, the trigger and target it hands the defense, how many recovered
+    triggers OSFT overwrites (:func:`~unbackdoor.scan.removal_triggers`), its wall time."""
+    from .scan import read_scan, removal_triggers, scan, settings_match
 
     folder = scans / Path(model_dir).name
     with file_lock(scans / f".{Path(model_dir).name}.lock"):
@@ -534,7 +535,8 @@ def scan_of(model_dir: Path, lab, scans: Path, settings: "ScanSettings") -> dict
     top = ranked[0] if ranked else {}
     return {"path": folder / "scan.json", "scan_score": data["score"], "scan_flagged": bool(data["backdoored"]),
             "scan_trigger": top.get("text"), "scan_placement": top.get("placement"),
-            "scan_target": top.get("target"), "scan_wall_time_s": data.get("wall_time_s")}
+            "scan_target": top.get("target"), "scan_triggers": len(removal_triggers(data)),
+            "scan_wall_time_s": data.get("wall_time_s")}
 
 
 def _evaluate_cell(cell: Cell, cfg: BenchConfig, lab, model_dir: Path, manifest: Manifest,
