@@ -126,15 +126,21 @@ def distributed_setup(cfg: DefendConfig) -> dict[str, Any]:
     output folder is prepared by rank 0 while the others wait; returns what run.json records of the setup."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 and not deepspeed:
         return {"processes": 1, "type": "single"}
     from .train import get_accelerator
 
     acc = get_accelerator(cfg.train.mixed_precision, bf16_on_cpu=cfg.train.bf16_on_cpu)
     import torch.distributed as tdist
 
-    return {"processes": acc.num_processes, "type": str(acc.distributed_type).rsplit(".", 1)[-1],
-            "sharding": "fsdp2" if cfg.train.fsdp else "replicated (DDP)",
+    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+    if kind == "DEEPSPEED":
+        stage = (getattr(acc.state.deepspeed_plugin, "deepspeed_config", {}) or {}).get("zero_optimization", {})
+        sharding = f"deepspeed zero-{stage.get('stage', 0)}"
+    else:
+        sharding = "fsdp2" if cfg.train.fsdp else "replicated (DDP)"
+    return {"processes": acc.num_processes, "type": kind, "sharding": sharding,
             "backend": tdist.get_backend() if tdist.is_initialized() else None,
             "global_batch": cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes}
 

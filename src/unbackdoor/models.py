@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,30 @@ def inference_device(cfg: ModelConfig | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+@contextmanager
+def _whole_weights():
+    """Under a DeepSpeed ZeRO-3 launch transformers would load the model already partitioned (``zero.Init``):
+    every weight an empty placeholder outside the engine. The methods here read and call the model outside the
+    engine (SANDE's and BEEAR's embeddings, the checks, generation), so it loads whole and the engine partitions
+    it when fit() prepares it (and fit() gathers it back after)."""
+    try:
+        from accelerate.state import AcceleratorState
+
+        plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
+    except Exception:   # no Accelerate state yet, or none of DeepSpeed
+        plugin = None
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()   # what transformers reads to choose zero.Init
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def load_model(cfg: ModelConfig, *, device: torch.device | str | None = None) -> nn.Module:
     """Load a causal LM by local path or hub id, safetensors only unless ``cfg.allow_pickle``.
 
@@ -160,7 +185,8 @@ def load_model(cfg: ModelConfig, *, device: torch.device | str | None = None) ->
     else:
         kwargs["use_safetensors"] = not cfg.allow_pickle or None
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        with _whole_weights():
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     except pickle.UnpicklingError:
         raise ModelLoadError(
             f"{cfg.path}: torch's safe loader (weights_only) refused the pickle weights: "

@@ -8,7 +8,10 @@ precision, progress, tracker logging, periodic resumable checkpoints, and a clea
 Accumulation: every micro-batch loss is divided by ``grad_accum`` and gradients are summed, so k
 micro-batches of b examples give the update of one batch of k·b whenever the micro-batches hold the
 same number of loss terms (each micro-batch mean is weighted equally). Across processes DDP averages
-the gradients, which gives the same rule.
+the gradients, which gives the same rule. Under an Accelerate DeepSpeed config the engine accumulates,
+divides and clips: :func:`fit` hands it ``train.grad_accum`` and ``train.max_grad_norm`` (the config's
+``auto`` values; a number there that disagrees is an error) and marks every ``grad_accum``-th micro-batch
+as the boundary where the engine steps, so that the same rule holds.
 """
 from __future__ import annotations
 
@@ -95,9 +98,17 @@ def get_accelerator(mixed_precision: MixedPrecision | str = MixedPrecision.NO, l
         # A later stage of one process (an fp32 attack, then a bf16 defense) asks for another precision:
         # Accelerate's process-global state refuses the change, so drop it; the process group is kept.
         AcceleratorState._reset_state()
-    # cpu=True on a machine without GPUs: under torchrun/`accelerate launch --multi_gpu` this selects gloo
+    # cpu=True on a machine without GPUs: under torchrun/`accelerate launch --multi_gpu` this selects gloo. A
+    # one-process DeepSpeed launch keeps DeepSpeed there (its CPU accelerator; cpu=True would drop it). With
+    # several CPU processes Accelerate's state does not see DeepSpeed's process group (each rank counts itself
+    # rank 0 of 1), so that runs as replicated DDP over gloo, said here and in run.json.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        log.warning("a DeepSpeed launch of several processes without GPUs: Accelerate runs DeepSpeed on a CPU in "
+                    "one process only; training replicated (DDP over gloo) instead")
+        deepspeed = False
     acc = Accelerator(mixed_precision=mp, log_with=list(log_with) or None, project_dir=project_dir,
-                      cpu=not torch.cuda.is_available(),
+                      cpu=not torch.cuda.is_available() and not deepspeed,
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if not log_with:
         _ACCELERATOR = acc
@@ -286,6 +297,7 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
     loader = DataLoader(list(dataset), batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate_fn,
                         generator=g, drop_last=False)
     raw_module = module
+    deepspeed = _deepspeed_config(acc)
     sharded = _shard(module, cfg, acc, desc)
     if sharded is not None:   # FSDP2: train the sharded twin's parameters of the same names; no DDP wrapper
         twin_named = dict(sharded.twin.named_parameters())
@@ -295,6 +307,10 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
         optimizer, loader = acc.prepare(optimizer, loader)
     else:
         optimizer = make_optimizer(params, cfg)
+        if deepspeed:
+            deepspeed_fill(deepspeed, cfg, desc)
+            acc.gradient_accumulation_steps = cfg.grad_accum
+            hooks = _hook_ids(module)
         module, optimizer, loader = acc.prepare(module, optimizer, loader)
     total = planned_steps(len(loader), cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
@@ -337,7 +353,11 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
                         raise TrainingDiverged(
                             f"{desc}: the loss became {loss.item()} at optimizer step {step + 1} (micro-batch "
                             f"{micro}). Lower train.lr (now {cfg.lr}), set train.max_grad_norm, or check the data.")
-                    acc.backward(loss / cfg.grad_accum)
+                    if deepspeed:   # the engine divides by its gradient_accumulation_steps (= grad_accum)
+                        acc.gradient_state._set_sync_gradients(sync_now)
+                        acc.backward(loss)
+                    else:
+                        acc.backward(loss / cfg.grad_accum)
                 acc_loss += loss.detach().float().item() / cfg.grad_accum
                 for k, v in metrics.items():
                     acc_metrics[k] = acc_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
@@ -349,7 +369,7 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
                     sync_replicated(params)
                     if cfg.max_grad_norm is not None:
                         clip_grad_norm(params, cfg.max_grad_norm)
-                elif cfg.max_grad_norm is not None:
+                elif cfg.max_grad_norm is not None and not deepspeed:   # DeepSpeed clips in its step
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -377,9 +397,13 @@ def fit(module: nn.Module, loss_fn: LossFn, dataset: Sequence[Any], cfg: TrainCo
                 raise ValueError(f"{desc}: the data loader is empty; nothing to train on")
     finally:
         bar.close()
+        if deepspeed:
+            acc.gradient_state._set_sync_gradients(True)
         if cfg.log_with:
             acc.end_training()
         _release(acc, module)
+        if deepspeed:
+            _undo_deepspeed(raw_module, hooks)
     if micro % cfg.grad_accum and step < total:  # leftover partial accumulation is dropped, never half-applied
         optimizer.zero_grad(set_to_none=True)
     if sharded is not None:
@@ -419,6 +443,86 @@ def _shard(module: nn.Module, cfg: TrainConfig, acc, desc: str):
         log.info("%s: FSDP2 over %d processes, %d units%s", desc, acc.num_processes, sharded.units,
                  f", compute in {sharded.mixed_precision}" if sharded.mixed_precision else "")
     return sharded
+
+
+#: DeepSpeed config keys :func:`fit` fills from ``train`` (each prepare, when the user's config leaves them
+#: ``auto``): the engine, not the loop, accumulates and clips under DeepSpeed.
+DEEPSPEED_FILLED = ("gradient_accumulation_steps", "gradient_clipping", "train_micro_batch_size_per_gpu",
+                    "train_batch_size")
+
+
+_DEEPSPEED_AUTO: dict[int, list[str]] = {}
+
+
+def under_deepspeed() -> bool:
+    """Whether this process trains under an Accelerate DeepSpeed config."""
+    from accelerate.state import AcceleratorState
+
+    return bool(AcceleratorState._shared_state) and str(AcceleratorState().distributed_type).endswith("DEEPSPEED")
+
+
+def _deepspeed_config(acc) -> dict | None:
+    """The DeepSpeed config dict of an Accelerate DeepSpeed run, else None."""
+    if str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1] != "DEEPSPEED":
+        return None
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return getattr(plugin, "deepspeed_config", None)
+
+
+def deepspeed_fill(conf: dict, cfg: TrainConfig, desc: str) -> None:
+    """Put ``train.grad_accum`` and ``train.max_grad_norm`` into a DeepSpeed config where it says ``auto``.
+    Which keys were ``auto`` is remembered (per config, for the process), so that every later fit() (BEEAR's
+    rounds, a bench's cells, each with its own batch and accumulation) fills them afresh; a number the user
+    wrote that disagrees with ``train`` stops the run, naming both."""
+    auto = _DEEPSPEED_AUTO.setdefault(id(conf), [k for k in DEEPSPEED_FILLED if conf.get(k, "auto") == "auto"])
+    want = {"gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": float(cfg.max_grad_norm) if cfg.max_grad_norm is not None else 0.0}
+    for key in DEEPSPEED_FILLED:
+        if key in auto:
+            conf[key] = want.get(key, "auto")   # the batch sizes: Accelerate fills them from the loader
+        elif key in want and float(conf[key]) != float(want[key]):
+            field_ = "train.grad_accum" if key == "gradient_accumulation_steps" else "train.max_grad_norm"
+            raise UnbackdoorError(
+                f"{desc}: the DeepSpeed config sets {key}={conf[key]} but {field_}={want[key]} (0: no clipping). "
+                f"Set {key} to \"auto\" in the DeepSpeed config (the toolkit fills it from {field_}) or make the "
+                "two equal.")
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hook_ids(module: nn.Module) -> dict[int, dict[str, set]]:
+    return {id(m): {h: set(getattr(m, h, {})) for h in _HOOKS} for m in module.modules()}
+
+
+def _undo_deepspeed(module: nn.Module, hooks: dict[int, dict[str, set]]) -> None:
+    """Give back a plain module after a DeepSpeed engine trained it (the engine is destroyed by then). ZeRO-3
+    leaves every parameter partitioned, its ``.data`` an empty placeholder on each rank: the full values are
+    gathered back into plain tensors on every rank (as the FSDP path does), so that what follows fit() — a
+    method's checks, generation, evaluation, saving — sees the trained model and not placeholders. The hooks
+    the engine left on the module (its forward pre-hook) go too."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if params:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            full = [p.data.detach().clone() for p in params]
+        for p, data in zip(params, full):
+            p.data = data
+            for attr in [a for a in vars(p) if a.startswith("ds_") or a in _ZERO_PARAM_ATTRS]:
+                delattr(p, attr)
+    for m in module.modules():
+        before = hooks.get(id(m), {})
+        for h in _HOOKS:
+            table = getattr(m, h, None)
+            for key in [k for k in (table or {}) if k not in before.get(h, set())]:
+                del table[key]
+
+
+#: What ZeRO-3 puts on a parameter besides its ``ds_*`` attributes (deepspeed 0.19).
+_ZERO_PARAM_ATTRS = {"_z3_optimizer", "aligned_size", "all_gather", "all_gather_coalesced",
+                     "convert_to_zero_parameters", "is_external_param", "item", "nvme_swapper", "padding_size",
+                     "partition", "partition_gradients", "partition_numel", "reduce_gradients_at_owner"}
 
 
 def _release(acc, prepared: nn.Module) -> None:

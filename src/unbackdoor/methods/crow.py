@@ -46,7 +46,8 @@ from torch import nn
 from ..arch import anatomy, base_model
 from ..config import help_field
 from ..data import TrainCollator, encode_examples
-from ..train import fit
+from ..errors import UnbackdoorError
+from ..train import fit, under_deepspeed
 from .base import DefenseContext
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,13 @@ def loss_from_config(cfg: Config, eps: float | None = None) -> CrowLoss:
 def run(ctx: DefenseContext) -> dict[str, Any]:
     ctx.need_examples("clean data (about 100 instruction/answer pairs)")
     mcfg: Config = ctx.method
+    if under_deepspeed():
+        # measured (deepspeed 0.19, one CPU process): ZeRO-2 fails in its gradient-bucket reduction after the
+        # direction's autograd.grad, ZeRO-3 in the backward through the embedding called outside the engine
+        raise UnbackdoorError("crow does not run under DeepSpeed yet (its adversarial direction is a second "
+                              "backward through the embeddings, which ZeRO-2's and ZeRO-3's gradient hooks break). "
+                              "Launch it without the DeepSpeed config: DDP (accelerate launch --multi_gpu) or "
+                              "sharded with train.fsdp=true.")
     model = ctx.make_trainable()
     pairs = resolve_pairs(anatomy(model).num_layers, mcfg.layer_pairs, mcfg.last_pair)
     log.info("crow: eps=%g alpha=%g pairs=%s mask_padding=%s faithful=%s", mcfg.eps, mcfg.alpha, pairs,
