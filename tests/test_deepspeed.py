@@ -116,17 +116,17 @@ def _ds_launch_config(tmp_path: Path, stage: int) -> Path:
 
 @pytest.mark.slow
 def test_methods_that_use_the_model_outside_the_engine_run_under_zero3_as_without_it(lab, tmp_path):
-    """SANDE (its parrot reads the embedding table) and BEEAR (δ at a layer, checks by generation) under a
-    `accelerate launch` of a DeepSpeed ZeRO-3 config: the model loads whole (not zero.Init-partitioned), the
-    engine partitions it for each fit() and gives it back whole; every metric equals the plain run's. CROW is
-    refused with the way out instead of a crash inside DeepSpeed."""
+    """SANDE (its parrot reads the embedding table), BEEAR (δ at a layer, checks by generation) and CROW (a
+    backward to the embeddings for its direction) under an `accelerate launch` of a DeepSpeed ZeRO-3 config:
+    the model loads whole (not zero.Init-partitioned), the engine partitions it for each fit() and gives it
+    back whole; every metric equals the plain run's."""
     from test_distributed import _argv
 
     cfg = _ds_launch_config(tmp_path, 3)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     env.pop("UNBACKDOOR_TRACEBACK", None)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "-m", "unbackdoor.cli"]
-    for method in ("sande", "beear"):
+    for method in ("sande", "beear", "crow"):
         runs = {}
         for mode in ("plain", "zero3"):
             out = tmp_path / f"{method}-{mode}"
@@ -138,8 +138,3 @@ def test_methods_that_use_the_model_outside_the_engine_run_under_zero3_as_withou
         plain = {k: v for k, v in runs["plain"]["metrics"].items() if isinstance(v, float) and not k.endswith("_s")}
         ds = {k: runs["zero3"]["metrics"][k] for k in plain}
         assert plain and ds == pytest.approx(plain, rel=1e-5, abs=1e-7), (method, ds, plain)
-    p = subprocess.run(launch + _argv("crow", lab, tmp_path / "crow"), env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    # the CLI's own clear error (the launcher around it prints its own traceback of the child's exit)
-    assert p.returncode != 0 and "error: crow does not run under DeepSpeed" in p.stderr, p.stderr[-3000:]
-    assert "unbackdoor/methods/crow.py" not in p.stderr and "deepspeed/runtime" not in p.stderr, p.stderr[-3000:]

@@ -454,13 +454,6 @@ DEEPSPEED_FILLED = ("gradient_accumulation_steps", "gradient_clipping", "train_m
 _DEEPSPEED_AUTO: dict[int, list[str]] = {}
 
 
-def under_deepspeed() -> bool:
-    """Whether this process trains under an Accelerate DeepSpeed config."""
-    from accelerate.state import AcceleratorState
-
-    return bool(AcceleratorState._shared_state) and str(AcceleratorState().distributed_type).endswith("DEEPSPEED")
-
-
 def _deepspeed_config(acc) -> dict | None:
     """The DeepSpeed config dict of an Accelerate DeepSpeed run, else None."""
     if str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1] != "DEEPSPEED":

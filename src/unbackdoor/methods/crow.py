@@ -46,8 +46,7 @@ from torch import nn
 from ..arch import anatomy, base_model
 from ..config import help_field
 from ..data import TrainCollator, encode_examples
-from ..errors import UnbackdoorError
-from ..train import fit, under_deepspeed
+from ..train import fit
 from .base import DefenseContext
 
 log = logging.getLogger(__name__)
@@ -192,8 +191,16 @@ class CrowLoss:
         # Clean forward: L_lm and the hidden states for the direction, from one pass.
         out = model(inputs_embeds=e, attention_mask=am, labels=labels, output_hidden_states=True, use_cache=False)
         lc_clean = consistency(out.hidden_states, pairs, mask)
-        # Direction dLc/de w.r.t. e only (no parameter .grad is touched); keep the graph for L_lm's backward.
-        (g,) = torch.autograd.grad(lc_clean, e, retain_graph=True)
+        inner = _engine_module(model)
+        if inner is None:
+            # Direction dLc/de w.r.t. e only (no parameter .grad is touched); keep the graph for L_lm's backward.
+            (g,) = torch.autograd.grad(lc_clean, e, retain_graph=True)
+        else:
+            # A DeepSpeed engine hooks its outputs to begin and end *its* backward (gradient reduction, the
+            # step): a backward to e through them would end it early. The direction comes from a forward of
+            # the module inside (same weights, same value; one more forward than the official loss).
+            hs = inner(inputs_embeds=e, attention_mask=am, output_hidden_states=True, use_cache=False).hidden_states
+            (g,) = torch.autograd.grad(consistency(hs, pairs, mask), e, retain_graph=True)
         e_adv = e.detach() + self.eps * g.sign()   # detached: L_adv trains the layers, not the table
         extra = {"logits_to_keep": 1} if ltk else {}
         adv = model(inputs_embeds=e_adv, attention_mask=am, output_hidden_states=True, use_cache=False, **extra)
@@ -201,6 +208,11 @@ class CrowLoss:
         loss = out.loss + self.alpha * lc_adv
         return loss, {"lm_loss": out.loss.detach().item(), "consistency_adv": lc_adv.detach().item(),
                       "consistency_clean": lc_clean.detach().item()}
+
+
+def _engine_module(model: nn.Module) -> Optional[nn.Module]:
+    """The module a DeepSpeed engine wraps, else None."""
+    return model.module if type(model).__name__ == "DeepSpeedEngine" else None
 
 
 def crow_loss_reference(model: nn.Module, batch: dict, *, eps: float = 0.1, alpha: float = 5.5,
@@ -293,13 +305,6 @@ def loss_from_config(cfg: Config, eps: float | None = None) -> CrowLoss:
 def run(ctx: DefenseContext) -> dict[str, Any]:
     ctx.need_examples("clean data (about 100 instruction/answer pairs)")
     mcfg: Config = ctx.method
-    if under_deepspeed():
-        # measured (deepspeed 0.19, one CPU process): ZeRO-2 fails in its gradient-bucket reduction after the
-        # direction's autograd.grad, ZeRO-3 in the backward through the embedding called outside the engine
-        raise UnbackdoorError("crow does not run under DeepSpeed yet (its adversarial direction is a second "
-                              "backward through the embeddings, which ZeRO-2's and ZeRO-3's gradient hooks break). "
-                              "Launch it without the DeepSpeed config: DDP (accelerate launch --multi_gpu) or "
-                              "sharded with train.fsdp=true.")
     model = ctx.make_trainable()
     pairs = resolve_pairs(anatomy(model).num_layers, mcfg.layer_pairs, mcfg.last_pair)
     log.info("crow: eps=%g alpha=%g pairs=%s mask_padding=%s faithful=%s", mcfg.eps, mcfg.alpha, pairs,
