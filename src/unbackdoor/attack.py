@@ -287,7 +287,7 @@ def run_attack(cfg: AttackConfig) -> dict[str, Any]:
 
 def _attack(cfg: AttackConfig, stage: Path, folder, started: str) -> dict[str, Any]:
     from .data import TrainCollator, check_examples, encode_examples, load_examples, read_file
-    from .models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+    from .models import count_parameters, load_model, load_tokenizer, make_trainable, save_model
     from .record import RunRecord
     from .templates import Template
     from .train import fit, lm_loss, seed_everything
@@ -306,12 +306,7 @@ def _attack(cfg: AttackConfig, stage: Path, folder, started: str) -> dict[str, A
             raise ValueError(f"{cfg.attack.poison_data}: attack.poison_data is empty; it needs at least one example")
     data = poison(examples, cfg.attack, cfg.seed, pool)
     data_report = check_examples(data.rows, template, cfg.data, data_report)
-    model = load_model(cfg.model)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    model = make_trainable(load_model(cfg.model), cfg.lora, cfg.train.gradient_checkpointing)
     train_p, total_p = count_parameters(model)
     feats = encode_examples(template, data.rows, cfg.data.max_length)
     t0 = time.perf_counter()

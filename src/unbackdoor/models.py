@@ -180,6 +180,11 @@ def load_model(cfg: ModelConfig, *, device: torch.device | str | None = None) ->
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.device_map and device is not None and not cfg.gguf_file:
         kwargs["device_map"] = cfg.device_map
+    if cfg.quantization:
+        kwargs["quantization_config"] = _bnb_config(cfg.quantization, dtype)
+        if not cfg.device_map or device is None:
+            # quantized weights are placed at load (they do not move with .to()): where they run, also to train
+            kwargs["device_map"] = {"": str(inference_device(cfg))}
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
     else:
@@ -197,11 +202,77 @@ def load_model(cfg: ModelConfig, *, device: torch.device | str | None = None) ->
         raise _load_error(str(cfg.path), exc) from None
     if cfg.gguf_file:
         model = dequantized_copy(model)
+    if cfg.quantization:
+        _quantized_fixups(model, cfg)
     if cfg.adapter:
         model = attach_adapter(model, cfg.adapter, cfg.adapter_mode)
-    if device is not None and not (cfg.device_map and not cfg.gguf_file):
+    if device is not None and not (cfg.device_map and not cfg.gguf_file) and not cfg.quantization:
         model.to(inference_device(cfg) if str(device) == "auto" else device)
     return model
+
+
+def _bnb_config(kind: str, dtype: torch.dtype):
+    """The bitsandbytes config of ``model.quantization``: 4-bit as QLoRA loads it (double quantization,
+    computing in the model's dtype), or LLM.int8()."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"model.quantization={kind} needs the bitsandbytes package: pip install "
+                             "'unbackdoor[qlora]' (or drop model.quantization)") from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def _quantized_fixups(model: nn.Module, cfg: ModelConfig) -> None:
+    """Remember the full-precision source (saving merges the adapter into it, :func:`unwrap_for_save`), and
+    keep bitsandbytes' repacked CPU inference kernel off layers it cannot repack: it needs the input width to be
+    a multiple of the quantization block (measured, bitsandbytes 0.50: a 96-wide layer fails to reshape)."""
+    import dataclasses
+
+    import bitsandbytes as bnb
+
+    model._unbackdoor_full_precision = dataclasses.replace(cfg, quantization=None, device="cpu", device_map=None)
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            state = getattr(mod.weight, "quant_state", None)
+            if state is None or mod.in_features % int(getattr(state, "blocksize", 64) or 64):
+                mod.support_avx512bf16_for_cpu = False
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` (or the base of a PEFT model) was loaded with ``model.quantization``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "_unbackdoor_full_precision", None) is not None
+
+
+def prepare_quantized(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """A quantized model made ready for LoRA training (PEFT's k-bit preparation: frozen weights, norms and
+    the rest of the non-quantized parameters in fp32, input embeddings that carry gradients)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def merged_full_precision(model: nn.Module) -> nn.Module:
+    """The trained LoRA adapter of a PEFT model on quantized weights, merged into the full-precision model it
+    was quantized from (loaded again, on the CPU): merging into 4-bit weights would round the update away."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    source = model.get_base_model()._unbackdoor_full_precision
+    plain = load_model(source)
+    name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+    fresh = get_peft_model(plain, model.peft_config[name])
+    trained = get_peft_model_state_dict(model, adapter_name=name)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in trained.items()}
+    result = set_peft_model_state_dict(fresh, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelLoadError(f"merging the adapter into {source.path}: keys that fit no layer of the full-precision "
+                             f"model: {result.unexpected_keys[:3]}")
+    return fresh.merge_and_unload()
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
@@ -265,6 +336,22 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     return get_peft_model(model, pcfg)
 
 
+def make_trainable(model: nn.Module, cfg: LoraConfig, gradient_checkpointing: bool = False) -> nn.Module:
+    """A fresh LoRA adapter on ``model`` (``cfg.enabled``; on quantized weights after PEFT's k-bit
+    preparation), else every weight unfrozen."""
+    if cfg.enabled:
+        if is_quantized(model) and not hasattr(model, "peft_config"):
+            model = prepare_quantized(model, gradient_checkpointing)
+        return apply_lora(model, cfg)
+    if is_quantized(model):
+        raise ModelLoadError("lora.enabled=false with model.quantization: quantized weights stay frozen, training "
+                             "updates a LoRA adapter on them (QLoRA). Set lora.enabled=true, or drop "
+                             "model.quantization to train the full weights")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def lora_rank_pattern(model: nn.Module, cfg: LoraConfig) -> dict[str, int]:
     """PEFT rank_pattern from ``cfg``: fused layers at r x projections (when ``fused_rank``), then the
     explicit ``rank_pattern`` entries. Alpha follows each rank, so alpha / r is the same everywhere."""
@@ -281,7 +368,10 @@ def unwrap_for_save(model: nn.Module, merge: bool = True) -> nn.Module:
     from peft import PeftModel
 
     if isinstance(model, PeftModel) and merge:
-        return model.merge_and_unload()
+        return merged_full_precision(model) if is_quantized(model) else model.merge_and_unload()
+    if is_quantized(model) and not isinstance(model, PeftModel):
+        raise ModelLoadError("a model loaded with model.quantization is saved only as its trained LoRA adapter merged "
+                             "into the full-precision weights; this one carries no adapter (set lora.enabled=true)")
     return model
 
 

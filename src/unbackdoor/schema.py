@@ -83,9 +83,19 @@ class ModelConfig:
     attn_implementation: Optional[str] = help_field(
         None, "Attention kernel: null (the library's default, sdpa where supported), 'eager', 'sdpa', "
         "'flash_attention_2' (needs the flash-attn package and a GPU), 'flex_attention'.")
+    quantization: Optional[str] = help_field(
+        None, "Load the weights quantized through bitsandbytes (pip install 'unbackdoor[qlora]'): 'nf4' or 'fp4' "
+        "(4-bit, double-quantized, computing in model.dtype: QLoRA), 'int8'. Training then updates a LoRA adapter "
+        "only (lora.enabled=true) and the saved model is the full-precision model with the adapter merged.")
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
+        if self.quantization not in QUANTIZATIONS:
+            out.append(("quantization", f"got {self.quantization!r}, expected one of "
+                                        f"{[q for q in QUANTIZATIONS if q]} or null"))
+        elif self.quantization and self.gguf_file:
+            out.append(("quantization", f"got {self.quantization!r} with model.gguf_file: a GGUF checkpoint is "
+                                        "dequantized on load; drop one of the two"))
         if not self.path:
             out.append(("path", "no model given; set model.path=/path/to/model (a HF folder or hub id)"))
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -104,6 +114,7 @@ class ModelConfig:
         return out
 
 
+QUANTIZATIONS = (None, "nf4", "fp4", "int8")
 ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -261,7 +272,16 @@ class DefendConfig:
     seed: int = help_field(0, "Seed for data order, initialisation and sampling.")
 
     def validate(self) -> list[tuple[str, str]]:
-        return seed_problems(self.seed)
+        out = seed_problems(self.seed)
+        q = self.model.quantization
+        if q and q in QUANTIZATIONS and not self.lora.enabled:
+            out.append(("lora.enabled", f"false with model.quantization={q}: quantized weights stay frozen, training "
+                                        "updates a LoRA adapter on them (QLoRA). Set lora.enabled=true, or drop "
+                                        "model.quantization to train the full weights"))
+        if q and q in QUANTIZATIONS and self.train.fsdp:
+            out.append(("train.fsdp", f"true with model.quantization={q}: sharding quantized weights is not "
+                                      "supported; train QLoRA under DDP (the adapter is small) or drop one of the two"))
+        return out
 
 
 def seed_problems(seed: int, key: str = "seed") -> list[tuple[str, str]]:

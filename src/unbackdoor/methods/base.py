@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data import Example
 from ..errors import UnbackdoorError
-from ..models import apply_lora, count_parameters
+from ..models import count_parameters, make_trainable
 from ..record import RunRecord
 from ..schema import DefendConfig
 from ..templates import Template
@@ -51,11 +51,7 @@ class DefenseContext:
 
     def make_trainable(self) -> nn.Module:
         """Apply LoRA (``cfg.lora``) or unfreeze every weight; returns (and stores) the trainable model."""
-        if self.cfg.lora.enabled:
-            self.model = apply_lora(self.model, self.cfg.lora)
-        else:
-            for p in self.model.parameters():
-                p.requires_grad_(True)
+        self.model = make_trainable(self.model, self.cfg.lora, self.cfg.train.gradient_checkpointing)
         train, total = count_parameters(self.model)
         self.record.update(trainable_parameters=train, total_parameters=total)
         return self.model
