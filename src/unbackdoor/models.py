@@ -20,7 +20,7 @@ from torch import nn
 from .arch import lora_targets
 from .errors import UnbackdoorError
 from .record import public_mode
-from .schema import AdapterMode, Dtype, LoraConfig, ModelConfig
+from .schema import QLORA_NEEDS_LORA, AdapterMode, Dtype, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,10 @@ def _quantized_fixups(model: nn.Module, cfg: ModelConfig) -> None:
 
     import bitsandbytes as bnb
 
-    model._unbackdoor_full_precision = dataclasses.replace(cfg, quantization=None, device="cpu", device_map=None)
+    # an adapter that training continues is the trained one (merged at save), not part of the source
+    merged = cfg.adapter if AdapterMode(cfg.adapter_mode) is AdapterMode.MERGE else None
+    model._unbackdoor_full_precision = dataclasses.replace(cfg, quantization=None, device="cpu", device_map=None,
+                                                           adapter=merged)
     for mod in model.modules():
         if isinstance(mod, bnb.nn.Linear4bit):
             state = getattr(mod.weight, "quant_state", None)
@@ -344,9 +347,7 @@ def make_trainable(model: nn.Module, cfg: LoraConfig, gradient_checkpointing: bo
             model = prepare_quantized(model, gradient_checkpointing)
         return apply_lora(model, cfg)
     if is_quantized(model):
-        raise ModelLoadError("lora.enabled=false with model.quantization: quantized weights stay frozen, training "
-                             "updates a LoRA adapter on them (QLoRA). Set lora.enabled=true, or drop "
-                             "model.quantization to train the full weights")
+        raise ModelLoadError(f"lora.enabled=false with model.quantization: {QLORA_NEEDS_LORA}")
     for p in model.parameters():
         p.requires_grad_(True)
     return model

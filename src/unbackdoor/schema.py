@@ -115,6 +115,9 @@ class ModelConfig:
 
 
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
+#: Why quantized weights need LoRA, and the fix (the config check and the loader's runtime check say the same).
+QLORA_NEEDS_LORA = ("quantized weights stay frozen, training updates a LoRA adapter on them (QLoRA). Set "
+                    "lora.enabled=true, or drop model.quantization to train the full weights")
 ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -275,9 +278,7 @@ class DefendConfig:
         out = seed_problems(self.seed)
         q = self.model.quantization
         if q and q in QUANTIZATIONS and not self.lora.enabled:
-            out.append(("lora.enabled", f"false with model.quantization={q}: quantized weights stay frozen, training "
-                                        "updates a LoRA adapter on them (QLoRA). Set lora.enabled=true, or drop "
-                                        "model.quantization to train the full weights"))
+            out.append(("lora.enabled", f"false with model.quantization={q}: {QLORA_NEEDS_LORA}"))
         if q and q in QUANTIZATIONS and self.train.fsdp:
             out.append(("train.fsdp", f"true with model.quantization={q}: sharding quantized weights is not "
                                       "supported; train QLoRA under DDP (the adapter is small) or drop one of the two"))
